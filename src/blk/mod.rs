@@ -1,0 +1,27 @@
+//! The virtio-blk protocol: device configuration space, feature bits, request parsing and
+//! status codes.
+//!
+//! Owns: the bytes of `struct virtio_blk_config`, the feature set we offer, and the pure
+//! translation of a flattened descriptor chain into a [`Request`] (or a [`RequestError`] that
+//! maps to a virtio status byte). Must not touch: files, io_uring, VDUSE file descriptors or
+//! threads. Everything here is a pure function of its inputs so that tests and the fuzzer can
+//! drive it without a kernel.
+
+pub mod config;
+pub mod request;
+
+pub use config::{BlkConfig, BlkGeometry};
+pub use request::{
+    parse_request, DataSeg, DwzSegment, Request, RequestError, RequestKind, Segment,
+    SECTOR_SHIFT, SECTOR_SIZE,
+};
+
+/// `VIRTIO_BLK_S_OK`: the request succeeded.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// `VIRTIO_BLK_S_IOERR`: the request failed (bad request or backing I/O error).
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// `VIRTIO_BLK_S_UNSUPP`: the request type or a flag is not supported.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Bytes written into a GET_ID buffer (`VIRTIO_BLK_ID_BYTES`).
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;

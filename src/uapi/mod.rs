@@ -1,0 +1,4 @@
+//! uAPI
+pub mod vdpa;
+pub mod vduse;
+pub mod virtio;
