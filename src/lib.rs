@@ -13,7 +13,9 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod control;
 pub mod blk;
+pub mod cli;
 pub mod memory;
 pub mod metrics;
 pub mod uapi;

@@ -1,0 +1,273 @@
+//! The command line: argument syntax, help text, and turning results into exit codes and
+//! one-line messages.
+//!
+//! Owns: parsing (sizes like `512M`, CPU lists like `0-3,6`), `--help`, signal setup for
+//! `serve`. Must not touch: validation that needs the kernel or the backing store (that is
+//! [`crate::control::daemon`]).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::backend::BackingSpec;
+use crate::control::daemon::{self, AttachMode, ServeOptions};
+
+/// Serve a file or block device as a virtio-blk device through VDUSE, with an io_uring data
+/// path.
+#[derive(Debug, Parser)]
+#[command(name = "vduse-blkd", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the device is attached.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Attach {
+    /// Bind to virtio_vdpa: the device becomes /dev/vdX on this host.
+    Virtio,
+    /// Bind to vhost_vdpa: the device becomes /dev/vhost-vdpa-N for a VM.
+    Vhost,
+    /// Do not attach; run `vdpa dev add name NAME mgmtdev vduse` yourself.
+    None,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve BACKING as a virtio-blk VDUSE device until SIGINT or SIGTERM.
+    ///
+    /// Prints exactly one line `ready name=NAME dev=/dev/vdX` on stdout once the device is
+    /// usable (`dev=-` when not bound to virtio_vdpa). On SIGINT/SIGTERM it detaches the
+    /// device, finishes in-flight I/O, destroys the device and exits 0.
+    Serve {
+        /// Backing regular file or block device. A missing file is created (sparse) when
+        /// --size is given.
+        backing: PathBuf,
+        /// Device name: /dev/vduse/NAME and the vdpa device name (letters, digits, - _ .).
+        #[arg(long)]
+        name: String,
+        /// Size of a file to create, e.g. 512M, 20G (K/M/G/T are powers of 1024). Must match
+        /// an existing file's size if given.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Number of virtqueues, each served by its own pinned worker thread (1-64).
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// Size of each virtqueue: a power of two, at most 32768.
+        #[arg(long, default_value_t = 256)]
+        queue_size: u32,
+        /// CPUs to pin the queue workers to, round robin, e.g. 0-3,6 (default: spread over
+        /// the CPUs this process may use).
+        #[arg(long, value_parser = parse_cpus)]
+        cpus: Option<Vec<usize>>,
+        /// Expose the device read-only (VIRTIO_BLK_F_RO); the backing is opened read-only.
+        #[arg(long)]
+        readonly: bool,
+        /// Open the backing with O_DIRECT (default: on for block devices, off for files).
+        #[arg(long)]
+        direct: bool,
+        /// Logical block size the device advertises: 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        block_size: u32,
+        /// Serial number returned to GET_ID (at most 20 bytes; default: the name).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Which vdpa bus driver gets the device.
+        #[arg(long, value_enum, default_value_t = Attach::Virtio)]
+        attach: Attach,
+    },
+    /// Print what the running kernel's VDUSE offers: API versions, the version chosen,
+    /// optional features, umem support, bounce size, loaded bus drivers.
+    Probe {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List VDUSE devices: name, attached or not, driver, block device.
+    List,
+    /// Remove a leftover VDUSE device (detach it from the vdpa bus and destroy it).
+    Del {
+        /// The device name.
+        name: String,
+    },
+}
+
+/// Parse `4096`, `16K`, `512M`, `20G`, `1T` (binary units; an optional trailing `B`/`iB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 512M, 20G)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Parse `0-3,6` into `[0, 1, 2, 3, 6]`.
+pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("{part:?} is not a CPU or range (example: 0-3,6)");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let a: usize = a.parse().map_err(|_| bad())?;
+                let b: usize = b.parse().map_err(|_| bad())?;
+                if a > b || b >= 4096 {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err("empty CPU list".into());
+    }
+    Ok(out)
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "vduse-blkd: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve {
+            backing,
+            name,
+            size,
+            queues,
+            queue_size,
+            cpus,
+            readonly,
+            direct,
+            block_size,
+            serial,
+            attach,
+        } => {
+            // Termination signals are read from a signalfd; block them before any thread
+            // exists so every thread inherits the mask.
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGINT);
+            set.add(Signal::SIGTERM);
+            if let Err(e) = set.thread_block() {
+                return fail(format!("cannot block signals: {e}"));
+            }
+            let signals = match SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+                Ok(s) => s,
+                Err(e) => return fail(format!("cannot create a signalfd: {e}")),
+            };
+            let opts = ServeOptions {
+                backing: BackingSpec {
+                    path: backing,
+                    size,
+                    read_only: readonly,
+                    direct: direct.then_some(true),
+                    block_size,
+                },
+                name,
+                queues,
+                queue_size,
+                cpus: cpus.unwrap_or_default(),
+                serial,
+                attach: match attach {
+                    Attach::Virtio => AttachMode::Virtio,
+                    Attach::Vhost => AttachMode::Vhost,
+                    Attach::None => AttachMode::None,
+                },
+            };
+            match daemon::serve(&opts, &signals) {
+                Ok(report) => {
+                    let s = report.stats.summary();
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "vduse-blkd: stopped: {} requests ({} errors), {} MiB read, {} MiB written, latency p50 {:.1} us p99 {:.1} us p99.9 {:.1} us",
+                        s.requests,
+                        s.errors,
+                        s.bytes_read >> 20,
+                        s.bytes_written >> 20,
+                        s.p50_us,
+                        s.p99_us,
+                        s.p999_us
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Probe { json } => match daemon::probe() {
+            Ok(r) => match daemon::print_probe(&r, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            },
+            Err(e) => fail(e),
+        },
+        Command::List => match daemon::list() {
+            Ok(entries) => {
+                let mut out = std::io::stdout().lock();
+                for e in entries {
+                    let _ = writeln!(
+                        out,
+                        "{} attached={} driver={} dev={}",
+                        e.name,
+                        if e.attached { "yes" } else { "no" },
+                        e.driver.as_deref().unwrap_or("-"),
+                        e.block_device.as_deref().unwrap_or("-")
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Del { name } => match daemon::del(&name) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn cpus() {
+        assert_eq!(parse_cpus("0-3,6"), Ok(vec![0, 1, 2, 3, 6]));
+        assert!(parse_cpus("3-1").is_err());
+        assert!(parse_cpus("x").is_err());
+    }
+
+    #[test]
+    fn help_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,760 @@
+//! The device lifecycle as the commands run it: `serve`, `probe`, `list`, `del`.
+//!
+//! Owns: validation of user input before anything is created, the order of creation
+//! (backing → CREATE_DEV → VQ_SETUP → message loop → vdpa attach → `ready`), and teardown in
+//! reverse (vdpa detach while the loop still answers → loop and workers stopped → device fd
+//! closed → DESTROY_DEV), including on every error path, so nothing is left behind. Must not
+//! touch: the data path (workers are started by the message loop) or argument syntax (CLI).
+
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver};
+use log::{info, warn};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signalfd::SignalFd;
+use serde::Serialize;
+use thiserror::Error;
+
+use super::api::{self, kernel_versions, negotiate, ApiVersion, NegotiateError};
+use super::device::{spawn_loop, LoopConfig, LoopEvent, DESTROY_DEADLINE};
+use super::fd::{ControlFd, DeviceFd, CONTROL_PATH};
+use super::netlink::{NetlinkError, VdpaNetlink};
+use super::sysfs;
+use crate::backend::{Backend, BackendError, BackingSpec};
+use crate::blk::{BlkConfig, BlkGeometry, VIRTIO_BLK_ID_BYTES};
+use crate::metrics::QueueStats;
+use crate::uapi::vduse as u;
+use crate::uapi::virtio as vf;
+use crate::worker::DeviceIo;
+
+/// The largest split-ring size.
+pub const MAX_QUEUE_SIZE: u32 = 32768;
+/// The most queues (one worker thread each) a device may have.
+pub const MAX_QUEUES: u16 = 64;
+/// How long to wait for the block device to appear after attaching.
+const BLOCK_DEVICE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Which vdpa bus driver the device is handed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// `virtio_vdpa`: a `/dev/vdX` on this host.
+    Virtio,
+    /// `vhost_vdpa`: a `/dev/vhost-vdpa-N` for a VMM.
+    Vhost,
+    /// Not attached: the user runs `vdpa dev add` themselves.
+    None,
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The backing store.
+    pub backing: BackingSpec,
+    /// Device name.
+    pub name: String,
+    /// Number of virtqueues.
+    pub queues: u16,
+    /// Size of each virtqueue.
+    pub queue_size: u32,
+    /// CPUs for the queue workers (empty: spread over the allowed CPUs).
+    pub cpus: Vec<usize>,
+    /// GET_ID answer (default: the device name).
+    pub serial: Option<String>,
+    /// Where to attach.
+    pub attach: AttachMode,
+}
+
+/// Why a command failed. Each message is one line a user can act on.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// Bad device name.
+    #[error("{0}")]
+    Name(String),
+    /// Bad queue or device parameters.
+    #[error("{0}")]
+    Params(String),
+    /// A kernel module is missing.
+    #[error("the {module} kernel module is not loaded (run: modprobe {module})")]
+    ModuleMissing {
+        /// The module.
+        module: &'static str,
+    },
+    /// No permission.
+    #[error("permission denied opening {path} (run as root)")]
+    Permission {
+        /// What could not be opened.
+        path: String,
+    },
+    /// The name is in use.
+    #[error("a device named {0} already exists")]
+    NameTaken(String),
+    /// No such device.
+    #[error("no VDUSE device named {0}")]
+    NoSuchDevice(String),
+    /// A device is held by a running process.
+    #[error("device {0} is in use (is a vduse-blkd serving it? stop it with SIGTERM)")]
+    Busy(String),
+    /// Backing store problem.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// API negotiation failed.
+    #[error("VDUSE API negotiation failed: {0}")]
+    Negotiate(#[from] NegotiateError),
+    /// vdpa bus operation failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// A VDUSE ioctl failed.
+    #[error("{op} failed: {errno}")]
+    Ioctl {
+        /// What.
+        op: &'static str,
+        /// The error.
+        errno: Errno,
+    },
+    /// The device did not become usable.
+    #[error("{0}")]
+    Attach(String),
+    /// The device was marked broken while serving.
+    #[error("device broken: {0}")]
+    Broken(String),
+    /// Other OS errors.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> DaemonError {
+    move |source| DaemonError::Io { what, source }
+}
+
+/// Check a device name the way the kernel and sysfs will see it.
+pub fn validate_name(name: &str) -> Result<(), DaemonError> {
+    if name.is_empty() {
+        return Err(DaemonError::Name("device name must not be empty".into()));
+    }
+    if name.len() >= u::VDUSE_NAME_MAX {
+        return Err(DaemonError::Name(format!(
+            "device name is too long ({} bytes, at most {})",
+            name.len(),
+            u::VDUSE_NAME_MAX - 1
+        )));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        || name.starts_with('.')
+    {
+        return Err(DaemonError::Name(format!(
+            "device name {name:?} may only contain letters, digits, '-', '_' and '.' (not first)"
+        )));
+    }
+    let vq_like = name.len() > 2
+        && name.starts_with("vq")
+        && name[2..].bytes().all(|b| b.is_ascii_digit());
+    if name == "control" || vq_like {
+        return Err(DaemonError::Name(format!(
+            "device name {name:?} is reserved by the kernel (it collides with /dev/vduse/control or per-queue sysfs entries)"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_params(o: &ServeOptions) -> Result<(), DaemonError> {
+    let p = |s: String| Err(DaemonError::Params(s));
+    if o.queues == 0 {
+        return p("at least 1 queue is needed".into());
+    }
+    if o.queues > MAX_QUEUES {
+        return p(format!("too many queues: {} (at most {MAX_QUEUES})", o.queues));
+    }
+    if o.queue_size > MAX_QUEUE_SIZE {
+        return p(format!(
+            "queue size {} is too large (at most {MAX_QUEUE_SIZE})",
+            o.queue_size
+        ));
+    }
+    if !o.queue_size.is_power_of_two() {
+        return p(format!("queue size {} is not a power of two", o.queue_size));
+    }
+    if !matches!(o.backing.block_size, 512 | 4096) {
+        return p(format!(
+            "block size {} is not supported: use 512 or 4096",
+            o.backing.block_size
+        ));
+    }
+    if let Some(s) = &o.serial {
+        if s.len() > VIRTIO_BLK_ID_BYTES {
+            return p(format!(
+                "serial is {} bytes, at most {VIRTIO_BLK_ID_BYTES}",
+                s.len()
+            ));
+        }
+    }
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(bad) = o.cpus.iter().find(|&&c| c >= 1024) {
+        return p(format!("CPU {bad} does not exist ({ncpu} available)"));
+    }
+    Ok(())
+}
+
+fn open_control() -> Result<ControlFd, DaemonError> {
+    if !Path::new(CONTROL_PATH).exists() {
+        return Err(DaemonError::ModuleMissing { module: "vduse" });
+    }
+    ControlFd::open().map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => DaemonError::Permission {
+            path: CONTROL_PATH.into(),
+        },
+        _ => DaemonError::Io {
+            what: "cannot open /dev/vduse/control",
+            source: e,
+        },
+    })
+}
+
+fn check_attach_modules(attach: AttachMode) -> Result<(), DaemonError> {
+    match attach {
+        AttachMode::Virtio => {
+            if !sysfs::vdpa_driver_loaded("virtio_vdpa") {
+                return Err(DaemonError::ModuleMissing {
+                    module: "virtio_vdpa",
+                });
+            }
+            if !sysfs::virtio_blk_loaded() {
+                return Err(DaemonError::ModuleMissing {
+                    module: "virtio_blk",
+                });
+            }
+        }
+        AttachMode::Vhost => {
+            if !sysfs::vdpa_driver_loaded("vhost_vdpa") {
+                return Err(DaemonError::ModuleMissing {
+                    module: "vhost_vdpa",
+                });
+            }
+        }
+        AttachMode::None => {}
+    }
+    Ok(())
+}
+
+fn name_in_use(name: &str) -> bool {
+    DeviceFd::path_of(name).exists() || sysfs::on_vdpa_bus(name)
+}
+
+/// Default CPUs: the ones this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    core_affinity::get_core_ids()
+        .map(|v| v.into_iter().map(|c| c.id).collect())
+        .unwrap_or_default()
+}
+
+/// Undo creation steps on every exit path.
+struct Created<'a> {
+    control: &'a ControlFd,
+    name: [u8; u::VDUSE_NAME_MAX],
+    backend: Option<Arc<Backend>>,
+    device: bool,
+}
+
+impl Created<'_> {
+    fn destroy(&mut self) -> Result<(), DaemonError> {
+        if !self.device {
+            return Ok(());
+        }
+        let end = Instant::now() + DESTROY_DEADLINE;
+        loop {
+            match self.control.destroy_dev(&self.name) {
+                Ok(()) => {
+                    self.device = false;
+                    return Ok(());
+                }
+                Err(Errno::EBUSY) if Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(errno) => {
+                    return Err(DaemonError::Ioctl {
+                        op: "VDUSE_DESTROY_DEV",
+                        errno,
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Created<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.destroy() {
+            warn!("cleanup: {e}");
+        }
+        if let Some(b) = self.backend.take() {
+            b.remove_if_created();
+        }
+    }
+}
+
+/// What a finished `serve` reports.
+#[derive(Debug)]
+pub struct ServeReport {
+    /// Merged statistics of every queue.
+    pub stats: QueueStats,
+}
+
+/// Serve a device until SIGINT/SIGTERM (read from `signals`, which the caller blocked in
+/// every thread) or until the device breaks. Prints the `ready` line on stdout.
+pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, DaemonError> {
+    // 1. Everything that can be checked without creating anything.
+    validate_name(&o.name)?;
+    validate_params(o)?;
+    let mut control = open_control()?;
+    check_attach_modules(o.attach)?;
+    if name_in_use(&o.name) {
+        return Err(DaemonError::NameTaken(o.name.clone()));
+    }
+    let name_buf = u::vduse_name(&o.name).map_err(|e| DaemonError::Name(e.to_string()))?;
+    let nl = match o.attach {
+        AttachMode::None => None,
+        _ => Some(VdpaNetlink::connect()?),
+    };
+    let negotiated = negotiate(&mut control)?;
+    info!("VDUSE API {:?}", negotiated.version);
+
+    // 2. The backing store (may create a file; removed again on failure).
+    let backend = Arc::new(Backend::open(&o.backing)?);
+    let mut created = Created {
+        control: &control,
+        name: name_buf,
+        backend: Some(Arc::clone(&backend)),
+        device: false,
+    };
+
+    // 3. The VDUSE device.
+    let queue_size = o.queue_size as u16; // validated <= 32768
+    let blk = BlkConfig::new(BlkGeometry {
+        capacity_sectors: backend.capacity / 512,
+        block_size: o.backing.block_size,
+        num_queues: o.queues,
+        queue_size,
+        read_only: backend.read_only,
+    });
+    let config = blk.to_bytes();
+    let (ngroups, nas) = match negotiated.version {
+        ApiVersion::V0 => (0, 0),
+        ApiVersion::V1 => (1, 1),
+    };
+    let header = u::VduseDevConfig {
+        name: name_buf,
+        vendor_id: 0,
+        device_id: vf::VIRTIO_ID_BLOCK,
+        features: blk.features(),
+        vq_num: u32::from(o.queues),
+        // A power of two in [4, 4096] (7.2 requires it); the split-ring alignment.
+        vq_align: 4096,
+        ngroups,
+        nas,
+        config_size: config.len() as u32,
+        ..Default::default()
+    };
+    let buf = u::DevConfigBuf::new(&header, &config)
+        .map_err(|e| DaemonError::Params(e.to_string()))?;
+    match control.create_dev(&buf) {
+        Ok(()) => created.device = true,
+        Err(Errno::EEXIST) => return Err(DaemonError::NameTaken(o.name.clone())),
+        Err(errno) => {
+            return Err(DaemonError::Ioctl {
+                op: "VDUSE_CREATE_DEV",
+                errno,
+            })
+        }
+    }
+    let dev = Arc::new(DeviceFd::open(&o.name).map_err(io_err("cannot open the VDUSE device"))?);
+    for q in 0..u32::from(o.queues) {
+        dev.vq_setup(q, queue_size, 0)
+            .map_err(|errno| DaemonError::Ioctl {
+                op: "VDUSE_VQ_SETUP",
+                errno,
+            })?;
+    }
+
+    // 4. The message loop, before the device goes on the bus.
+    let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+    let s = o.serial.as_deref().unwrap_or(&o.name).as_bytes();
+    let n = s.len().min(VIRTIO_BLK_ID_BYTES);
+    serial[..n].copy_from_slice(&s[..n]);
+    let io = Arc::new(DeviceIo {
+        backend: Arc::clone(&backend),
+        serial,
+    });
+    let cpus = if o.cpus.is_empty() {
+        allowed_cpus()
+    } else {
+        o.cpus.clone()
+    };
+    let (tx, rx) = unbounded();
+    let lp = spawn_loop(
+        Arc::clone(&dev),
+        io,
+        LoopConfig {
+            name: o.name.clone(),
+            num_queues: o.queues,
+            max_queue_size: queue_size,
+            offered_features: blk.features(),
+            cpus,
+        },
+        tx,
+    )
+    .map_err(io_err("cannot start the control thread"))?;
+
+    // 5. Attach, then say ready.
+    let mut attached = false;
+    let result = (|| {
+        let dev_path = match (o.attach, &nl) {
+            (AttachMode::None, _) | (_, None) => "-".to_string(),
+            (mode, Some(nl)) => {
+                let (mine, other) = match mode {
+                    AttachMode::Virtio => ("virtio_vdpa", "vhost_vdpa"),
+                    _ => ("vhost_vdpa", "virtio_vdpa"),
+                };
+                // With both bus drivers loaded, keep the other from grabbing the device.
+                let steer = sysfs::vdpa_driver_loaded(other);
+                let autoprobe = if steer {
+                    Some(sysfs::set_autoprobe(false).map_err(io_err("cannot set drivers_autoprobe"))?)
+                } else {
+                    None
+                };
+                let added = nl.dev_add(&o.name);
+                if let Some(was) = autoprobe {
+                    if let Err(e) = sysfs::set_autoprobe(was) {
+                        warn!("cannot restore drivers_autoprobe: {e}");
+                    }
+                }
+                added?;
+                attached = true;
+                if steer || mode == AttachMode::Vhost {
+                    sysfs::bind(&o.name, mine).map_err(io_err("cannot bind the vdpa device"))?;
+                }
+                if mode == AttachMode::Virtio {
+                    sysfs::wait_block_device(&o.name, BLOCK_DEVICE_DEADLINE)
+                        .ok_or_else(|| {
+                            DaemonError::Attach(format!(
+                                "{} did not become a block device within {}s",
+                                o.name,
+                                BLOCK_DEVICE_DEADLINE.as_secs()
+                            ))
+                        })?
+                        .display()
+                        .to_string()
+                } else {
+                    "-".to_string()
+                }
+            }
+        };
+        let mut out = io::stdout().lock();
+        writeln!(out, "ready name={} dev={dev_path}", o.name)
+            .and_then(|_| out.flush())
+            .map_err(io_err("cannot write the ready line"))?;
+        wait_for_end(signals, &rx)
+    })();
+
+    // 6. Teardown, in reverse.
+    if attached {
+        if let Some(nl) = &nl {
+            if let Err(e) = nl.dev_del(&o.name) {
+                warn!("detach: {e}");
+            }
+        }
+    }
+    let stats = lp.stop();
+    drop(dev);
+    let destroyed = created.destroy();
+    if result.is_ok() {
+        // A successful run keeps a file it created.
+        created.backend = None;
+    }
+    result?;
+    destroyed?;
+    Ok(ServeReport { stats })
+}
+
+/// Block until a termination signal or a fatal device event.
+fn wait_for_end(signals: &SignalFd, events: &Receiver<LoopEvent>) -> Result<(), DaemonError> {
+    loop {
+        if let Ok(ev) = events.try_recv() {
+            return Err(match ev {
+                LoopEvent::Broken(s) | LoopEvent::Failed(s) => DaemonError::Broken(s),
+            });
+        }
+        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(200u16)) {
+            Ok(0) => continue,
+            Ok(_) => {
+                if let Ok(Some(sig)) = signals.read_signal() {
+                    info!("signal {}: shutting down", sig.ssi_signo);
+                    return Ok(());
+                }
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(DaemonError::Io { what: "poll", source: e.into() }),
+        }
+    }
+}
+
+/// What `probe` reports.
+#[derive(Debug, Serialize)]
+pub struct ProbeReport {
+    /// `/dev/vduse/control` exists.
+    pub control_device: bool,
+    /// Versions the kernel accepts.
+    pub api_versions: Vec<u64>,
+    /// The version negotiation chose.
+    pub api_version_chosen: u64,
+    /// Optional VDUSE features (0 when none).
+    pub features: u64,
+    /// `VDUSE_GET_FEATURES` exists.
+    pub features_ioctl: bool,
+    /// `VDUSE_IOTLB_GET_INFO` (and so REG_UMEM) exists.
+    pub umem_ioctl: bool,
+    /// Default bounce buffer size in bytes, if the kernel reports it.
+    pub bounce_size: Option<u64>,
+    /// Bus drivers and netlink.
+    pub virtio_vdpa: bool,
+    /// `vhost_vdpa` loaded.
+    pub vhost_vdpa: bool,
+    /// The vdpa netlink family answers and lists the vduse management device.
+    pub vdpa_mgmtdev_vduse: bool,
+    /// Kernel release.
+    pub kernel: String,
+}
+
+/// Ask the running kernel what it offers. Creates and destroys a throwaway device to learn
+/// the bounce size and whether the umem ioctls exist.
+pub fn probe() -> Result<ProbeReport, DaemonError> {
+    let mut control = open_control()?;
+    let versions = kernel_versions(&mut control)?;
+    let n = negotiate(&mut control)?;
+    let (umem_ioctl, bounce_size) = probe_device(&control, n.version).unwrap_or_else(|e| {
+        warn!("probe device: {e}");
+        (false, None)
+    });
+    let vdpa_mgmtdev_vduse = VdpaNetlink::connect()
+        .and_then(|nl| nl.mgmtdev_has_vduse())
+        .unwrap_or(false);
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(ProbeReport {
+        control_device: true,
+        api_versions: versions,
+        api_version_chosen: n.version.number(),
+        features: n.features,
+        features_ioctl: n.features_ioctl,
+        umem_ioctl,
+        bounce_size,
+        virtio_vdpa: sysfs::vdpa_driver_loaded("virtio_vdpa"),
+        vhost_vdpa: sysfs::vdpa_driver_loaded("vhost_vdpa"),
+        vdpa_mgmtdev_vduse,
+        kernel,
+    })
+}
+
+fn probe_device(control: &ControlFd, v: ApiVersion) -> Result<(bool, Option<u64>), DaemonError> {
+    let name = format!("vduse-blkd-probe-{}", std::process::id());
+    let name_buf = u::vduse_name(&name).map_err(|e| DaemonError::Name(e.to_string()))?;
+    let blk = BlkConfig::new(BlkGeometry {
+        capacity_sectors: 8,
+        block_size: 512,
+        num_queues: 1,
+        queue_size: 16,
+        read_only: true,
+    });
+    let (ngroups, nas) = if v == ApiVersion::V1 { (1, 1) } else { (0, 0) };
+    let header = u::VduseDevConfig {
+        name: name_buf,
+        device_id: vf::VIRTIO_ID_BLOCK,
+        features: blk.features(),
+        vq_num: 1,
+        vq_align: 4096,
+        ngroups,
+        nas,
+        config_size: blk.to_bytes().len() as u32,
+        ..Default::default()
+    };
+    let buf = u::DevConfigBuf::new(&header, &blk.to_bytes())
+        .map_err(|e| DaemonError::Params(e.to_string()))?;
+    control
+        .create_dev(&buf)
+        .map_err(|errno| DaemonError::Ioctl {
+            op: "VDUSE_CREATE_DEV",
+            errno,
+        })?;
+    let mut created = Created {
+        control,
+        name: name_buf,
+        backend: None,
+        device: true,
+    };
+    let bounce = sysfs::bounce_size(&name);
+    let umem = match DeviceFd::open(&name) {
+        Ok(dev) => !matches!(dev.iotlb_info(0), Err(Errno::ENOTTY)),
+        Err(_) => false,
+    };
+    created.destroy()?;
+    Ok((umem, bounce))
+}
+
+/// Print the probe report.
+pub fn print_probe(r: &ProbeReport, json: bool) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, r)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let yn = |b: bool| if b { "yes" } else { "no" };
+    writeln!(out, "kernel:              {}", r.kernel)?;
+    writeln!(out, "control device:      {} ({CONTROL_PATH})", yn(r.control_device))?;
+    writeln!(out, "API versions:        {:?} (kernel accepts)", r.api_versions)?;
+    writeln!(
+        out,
+        "API version chosen:  {} (we speak {:?})",
+        r.api_version_chosen,
+        api::SUPPORTED_VERSIONS
+    )?;
+    if r.features_ioctl {
+        writeln!(out, "VDUSE features:      {:#x}", r.features)?;
+    } else {
+        writeln!(out, "VDUSE features:      none (no VDUSE_GET_FEATURES)")?;
+    }
+    writeln!(out, "umem (REG_UMEM):     {}", yn(r.umem_ioctl))?;
+    match r.bounce_size {
+        Some(b) => writeln!(out, "default bounce size: {} MiB", b >> 20)?,
+        None => writeln!(out, "default bounce size: unknown")?,
+    }
+    writeln!(out, "virtio_vdpa loaded:  {}", yn(r.virtio_vdpa))?;
+    writeln!(out, "vhost_vdpa loaded:   {}", yn(r.vhost_vdpa))?;
+    writeln!(out, "vdpa mgmtdev vduse:  {}", yn(r.vdpa_mgmtdev_vduse))?;
+    Ok(())
+}
+
+/// One line of `list`.
+#[derive(Debug, Serialize)]
+pub struct ListEntry {
+    /// Device name.
+    pub name: String,
+    /// On the vdpa bus.
+    pub attached: bool,
+    /// Bus driver.
+    pub driver: Option<String>,
+    /// Block device, when bound to virtio_vdpa.
+    pub block_device: Option<String>,
+}
+
+/// VDUSE devices that exist now.
+pub fn list() -> Result<Vec<ListEntry>, DaemonError> {
+    if !Path::new(CONTROL_PATH).exists() {
+        return Err(DaemonError::ModuleMissing { module: "vduse" });
+    }
+    let mut out = Vec::new();
+    let dir = std::fs::read_dir(super::fd::VDUSE_DIR).map_err(io_err("cannot read /dev/vduse"))?;
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "control" {
+            continue;
+        }
+        out.push(ListEntry {
+            attached: sysfs::on_vdpa_bus(&name),
+            driver: sysfs::bound_driver(&name),
+            block_device: sysfs::block_device_of(&name).map(|b| format!("/dev/{b}")),
+            name,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Remove a leftover device: detach it from the vdpa bus and destroy it.
+pub fn del(name: &str) -> Result<(), DaemonError> {
+    validate_name(name).map_err(|_| DaemonError::NoSuchDevice(name.to_string()))?;
+    let control = open_control()?;
+    if !DeviceFd::path_of(name).exists() {
+        return Err(DaemonError::NoSuchDevice(name.to_string()));
+    }
+    if sysfs::on_vdpa_bus(name) {
+        VdpaNetlink::connect()?.dev_del(name)?;
+    }
+    let name_buf = u::vduse_name(name).map_err(|e| DaemonError::Name(e.to_string()))?;
+    match control.destroy_dev(&name_buf) {
+        Ok(()) => Ok(()),
+        Err(Errno::EBUSY) => Err(DaemonError::Busy(name.to_string())),
+        Err(Errno::EINVAL) => Err(DaemonError::NoSuchDevice(name.to_string())),
+        Err(errno) => Err(DaemonError::Ioctl {
+            op: "VDUSE_DESTROY_DEV",
+            errno,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for bad in ["", "vq0", "vq12", "control", "a/b", ".x", "a b"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_name(&"x".repeat(256)).unwrap_err().to_string().contains("too long"));
+        assert!(validate_name("vq0").unwrap_err().to_string().contains("reserved"));
+        for good in ["vdb0", "vq", "vqa", "disk-1.a_b", &"x".repeat(255)] {
+            validate_name(good).unwrap();
+        }
+    }
+
+    fn opts() -> ServeOptions {
+        ServeOptions {
+            backing: BackingSpec {
+                path: "/tmp/x".into(),
+                size: None,
+                read_only: false,
+                direct: None,
+                block_size: 512,
+            },
+            name: "t".into(),
+            queues: 1,
+            queue_size: 256,
+            cpus: vec![],
+            serial: None,
+            attach: AttachMode::Virtio,
+        }
+    }
+
+    #[test]
+    fn params() {
+        let mut o = opts();
+        validate_params(&o).unwrap();
+        o.queue_size = 100;
+        assert!(validate_params(&o).unwrap_err().to_string().contains("power of two"));
+        o.queue_size = 65536;
+        assert!(validate_params(&o).unwrap_err().to_string().contains("too large"));
+        o = opts();
+        o.queues = 1000;
+        assert!(validate_params(&o).unwrap_err().to_string().contains("too many queues"));
+        o = opts();
+        o.backing.block_size = 1024;
+        assert!(validate_params(&o).unwrap_err().to_string().contains("512 or 4096"));
+        o = opts();
+        o.serial = Some("x".repeat(21));
+        assert!(validate_params(&o).is_err());
+    }
+}

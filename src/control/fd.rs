@@ -1,0 +1,262 @@
+//! Safe wrappers over `/dev/vduse/control` and `/dev/vduse/NAME`.
+//!
+//! Owns: every `unsafe` ioctl call of the control plane, each turned into a method that takes
+//! and returns plain values, and the mmap of IOTLB regions. Must not touch: policy (what to
+//! create, when to reply what) — that is [`super::device`] and [`super::daemon`].
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress};
+
+use super::api::ControlOps;
+use crate::memory::IovaRegion;
+use crate::uapi::vduse::{self as u, VduseDevRequest, VduseDevResponse, VDUSE_MSG_SIZE};
+
+/// Directory of VDUSE character devices.
+pub const VDUSE_DIR: &str = "/dev/vduse";
+/// The control device.
+pub const CONTROL_PATH: &str = "/dev/vduse/control";
+
+/// `/dev/vduse/control`.
+#[derive(Debug)]
+pub struct ControlFd {
+    file: File,
+}
+
+impl ControlFd {
+    /// Open the control device.
+    pub fn open() -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(CONTROL_PATH)?;
+        Ok(ControlFd { file })
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// `VDUSE_CREATE_DEV`.
+    pub fn create_dev(&self, buf: &u::DevConfigBuf) -> Result<(), Errno> {
+        // SAFETY: `buf` owns an aligned allocation holding the 336-byte header followed by
+        // `config_size` bytes of config space, which is exactly what the kernel reads.
+        unsafe { u::vduse_create_dev(self.fd(), buf.as_ptr()) }.map(drop)
+    }
+
+    /// `VDUSE_DESTROY_DEV`.
+    pub fn destroy_dev(&self, name: &[u8; u::VDUSE_NAME_MAX]) -> Result<(), Errno> {
+        // SAFETY: the kernel reads VDUSE_NAME_MAX bytes from a live array of that size.
+        unsafe { u::vduse_destroy_dev(self.fd(), name) }.map(drop)
+    }
+}
+
+impl ControlOps for ControlFd {
+    fn set_api_version(&mut self, version: u64) -> Result<(), Errno> {
+        // SAFETY: the kernel reads one u64 from a live local.
+        unsafe { u::vduse_set_api_version(self.fd(), &version) }.map(drop)
+    }
+
+    fn get_api_version(&mut self) -> Result<u64, Errno> {
+        let mut v = 0u64;
+        // SAFETY: the kernel writes one u64 into a live local.
+        unsafe { u::vduse_get_api_version(self.fd(), &mut v) }?;
+        Ok(v)
+    }
+
+    fn get_features(&mut self) -> Result<u64, Errno> {
+        let mut v = 0u64;
+        // SAFETY: the kernel writes one u64 into a live local (or fails without writing).
+        unsafe { u::vduse_get_features(self.fd(), &mut v) }?;
+        Ok(v)
+    }
+}
+
+/// One IOTLB entry and the file behind it.
+#[derive(Debug)]
+pub struct IotlbRegion {
+    /// The entry as the kernel reported it.
+    pub entry: u::VduseIotlbEntry,
+    /// The file to mmap.
+    pub file: File,
+}
+
+/// `/dev/vduse/NAME`.
+#[derive(Debug)]
+pub struct DeviceFd {
+    file: File,
+    path: PathBuf,
+}
+
+impl DeviceFd {
+    /// Path of a device's node.
+    pub fn path_of(name: &str) -> PathBuf {
+        Path::new(VDUSE_DIR).join(name)
+    }
+
+    /// Open `/dev/vduse/NAME`.
+    pub fn open(name: &str) -> io::Result<Self> {
+        let path = Self::path_of(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)?;
+        Ok(DeviceFd { file, path })
+    }
+
+    /// The node's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Borrow the fd (for poll).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// `VDUSE_VQ_SETUP`.
+    pub fn vq_setup(&self, index: u32, max_size: u16, group: u32) -> Result<(), Errno> {
+        let cfg = u::VduseVqConfig {
+            index,
+            max_size,
+            group,
+            ..Default::default()
+        };
+        // SAFETY: the kernel reads one VduseVqConfig from a live local.
+        unsafe { u::vduse_vq_setup(self.fd(), &cfg) }.map(drop)
+    }
+
+    /// `VDUSE_DEV_GET_FEATURES`: the features the driver negotiated.
+    pub fn driver_features(&self) -> Result<u64, Errno> {
+        let mut v = 0u64;
+        // SAFETY: the kernel writes one u64 into a live local.
+        unsafe { u::vduse_dev_get_features(self.fd(), &mut v) }?;
+        Ok(v)
+    }
+
+    /// `VDUSE_VQ_GET_INFO`.
+    pub fn vq_info(&self, index: u32) -> Result<u::VduseVqInfo, Errno> {
+        let mut info = u::VduseVqInfo::for_index(index);
+        // SAFETY: the kernel reads the index from and writes the info into a live local of
+        // the right size.
+        unsafe { u::vduse_vq_get_info(self.fd(), &mut info) }?;
+        Ok(info)
+    }
+
+    /// `VDUSE_VQ_SETUP_KICKFD`.
+    pub fn set_kickfd(&self, index: u32, fd: RawFd) -> Result<(), Errno> {
+        let ev = u::VduseVqEventfd { index, fd };
+        // SAFETY: the kernel reads one VduseVqEventfd from a live local; it takes its own
+        // reference on the eventfd.
+        unsafe { u::vduse_vq_setup_kickfd(self.fd(), &ev) }.map(drop)
+    }
+
+    /// `VDUSE_VQ_INJECT_IRQ`.
+    pub fn inject_irq(&self, index: u32) -> Result<(), Errno> {
+        // SAFETY: the kernel reads one u32 from a live local.
+        unsafe { u::vduse_vq_inject_irq(self.fd(), &index) }.map(drop)
+    }
+
+    /// `VDUSE_DEV_SET_CONFIG` + `VDUSE_DEV_INJECT_CONFIG_IRQ`: change config space bytes and
+    /// tell the driver.
+    pub fn update_config(&self, offset: u32, bytes: &[u8]) -> Result<(), Errno> {
+        let buf = u::config_data_buf(offset, bytes).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: `buf` owns the 8-byte header followed by `length` bytes, as the kernel reads.
+        unsafe { u::vduse_dev_set_config(self.fd(), buf.as_ptr()) }?;
+        // SAFETY: no argument.
+        unsafe { u::vduse_dev_inject_config_irq(self.fd()) }.map(drop)
+    }
+
+    /// `VDUSE_IOTLB_GET_FD` for the entry covering `iova`.
+    pub fn iotlb_get_fd(&self, iova: u64) -> Result<IotlbRegion, Errno> {
+        let mut entry = u::VduseIotlbEntry {
+            start: iova,
+            last: iova,
+            ..Default::default()
+        };
+        // SAFETY: the kernel reads and writes one VduseIotlbEntry in a live local; on success
+        // the return value is a new file descriptor that we own from here on.
+        let fd = unsafe { u::vduse_iotlb_get_fd(self.fd(), &mut entry) }?;
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        Ok(IotlbRegion { entry, file })
+    }
+
+    /// `VDUSE_IOTLB_GET_INFO` at IOVA `iova`: ENOTTY means the kernel lacks it.
+    pub fn iotlb_info(&self, iova: u64) -> Result<u::VduseIovaInfo, Errno> {
+        let mut info = u::VduseIovaInfo {
+            start: iova,
+            last: iova,
+            ..Default::default()
+        };
+        // SAFETY: the kernel reads and writes one VduseIovaInfo in a live local.
+        unsafe { u::vduse_iotlb_get_info(self.fd(), &mut info) }?;
+        Ok(info)
+    }
+
+    /// Read one control message; `Ok(None)` when none is pending (non-blocking fd semantics
+    /// are not used: call after poll reported readiness).
+    pub fn read_request(&self) -> io::Result<VduseDevRequest> {
+        let mut buf = [0u8; VDUSE_MSG_SIZE];
+        let n = (&self.file).read(&mut buf)?;
+        VduseDevRequest::from_bytes(&buf[..n])
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short VDUSE message"))
+    }
+
+    /// Write one reply.
+    pub fn write_response(&self, resp: &VduseDevResponse) -> io::Result<()> {
+        let bytes = resp.to_bytes();
+        let n = (&self.file).write(&bytes)?;
+        if n != bytes.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short VDUSE reply"));
+        }
+        Ok(())
+    }
+}
+
+/// mmap an IOTLB region with the protection its `perm` asks for (the fd itself is always
+/// read-write, so the protection must come from `perm`), placed at its IOVA.
+pub fn map_region(r: IotlbRegion) -> io::Result<IovaRegion> {
+    let e = r.entry;
+    let len = e
+        .last
+        .checked_sub(e.start)
+        .and_then(|l| l.checked_add(1))
+        .and_then(|l| usize::try_from(l).ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad IOTLB entry range"))?;
+    let prot = match e.perm {
+        u::VDUSE_ACCESS_RO => libc::PROT_READ,
+        u::VDUSE_ACCESS_WO => libc::PROT_WRITE,
+        u::VDUSE_ACCESS_RW => libc::PROT_READ | libc::PROT_WRITE,
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "bad IOTLB perm")),
+    };
+    let region = MmapRegion::build(
+        Some(FileOffset::new(r.file, e.offset)),
+        len,
+        prot,
+        libc::MAP_SHARED,
+    )
+    .map_err(|e| io::Error::other(format!("mmap of IOTLB region failed: {e}")))?;
+    IovaRegion::new(region, GuestAddress(e.start))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "IOTLB region overflows"))
+}
+
+/// A fresh non-blocking eventfd for kicks.
+pub fn new_eventfd() -> io::Result<OwnedFd> {
+    let efd = nix::sys::eventfd::EventFd::from_flags(
+        nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+    )?;
+    Ok(OwnedFd::from(efd))
+}

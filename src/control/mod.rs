@@ -1,0 +1,17 @@
+//! The control plane: everything on `/dev/vduse/control`, `/dev/vduse/NAME` and the vdpa bus.
+//!
+//! - [`api`]: API-version and optional-feature negotiation (behind a trait, unit-tested
+//!   against fake 6.12 / 7.2 / future kernels).
+//! - [`fd`]: safe wrappers over the VDUSE ioctls and messages.
+//! - [`device`]: the control thread: message loop, worker start/stop.
+//! - [`netlink`]: vdpa generic netlink (attach/detach without the `vdpa` binary).
+//! - [`sysfs`]: modules, driver binding, finding `/dev/vdX`.
+//! - [`daemon`]: the commands' lifecycles (`serve`, `probe`, `list`, `del`).
+//!
+//! Must not touch: the data path beyond starting and stopping workers.
+pub mod api;
+pub mod daemon;
+pub mod device;
+pub mod fd;
+pub mod netlink;
+pub mod sysfs;
