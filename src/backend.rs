@@ -115,7 +115,7 @@ fn check_size(size: u64, block_size: u32) -> Result<(), BackendError> {
     if size == 0 {
         return Err(BackendError::ZeroSize);
     }
-    if size % u64::from(block_size) != 0 {
+    if !size.is_multiple_of(u64::from(block_size)) {
         return Err(BackendError::Unaligned { size, block_size });
     }
     Ok(())
@@ -164,7 +164,9 @@ impl Backend {
             e
         };
         let capacity = match kind {
-            BackingKind::BlockDevice => block_device_size(&file).map_err(|e| cleanup(open_err(e)))?,
+            BackingKind::BlockDevice => {
+                block_device_size(&file).map_err(|e| cleanup(open_err(e)))?
+            }
             BackingKind::File if created => {
                 let size = spec.size.expect("created files have a size");
                 file.set_len(size).map_err(|e| cleanup(open_err(e)))?;
@@ -248,18 +250,28 @@ mod tests {
     fn bad_input_is_refused_and_nothing_is_created() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("missing.img");
-        let msg = Backend::open(&spec(p.clone(), None)).unwrap_err().to_string();
+        let msg = Backend::open(&spec(p.clone(), None))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("does not exist"), "{msg}");
-        assert!(matches!(Backend::open(&spec(p.clone(), Some(0))), Err(BackendError::ZeroSize)));
+        assert!(matches!(
+            Backend::open(&spec(p.clone(), Some(0))),
+            Err(BackendError::ZeroSize)
+        ));
         assert!(matches!(
             Backend::open(&spec(p.clone(), Some(1000))),
             Err(BackendError::Unaligned { .. })
         ));
         assert!(!p.exists());
-        let msg = Backend::open(&spec(d.path().to_path_buf(), None)).unwrap_err().to_string();
+        let msg = Backend::open(&spec(d.path().to_path_buf(), None))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("not a regular file or block device"), "{msg}");
         let empty = d.path().join("empty.img");
         File::create(&empty).unwrap();
-        assert!(matches!(Backend::open(&spec(empty, None)), Err(BackendError::ZeroSize)));
+        assert!(matches!(
+            Backend::open(&spec(empty, None)),
+            Err(BackendError::ZeroSize)
+        ));
     }
 }

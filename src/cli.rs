@@ -171,10 +171,11 @@ pub fn run(cli: Cli) -> ExitCode {
             if let Err(e) = set.thread_block() {
                 return fail(format!("cannot block signals: {e}"));
             }
-            let signals = match SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
-                Ok(s) => s,
-                Err(e) => return fail(format!("cannot create a signalfd: {e}")),
-            };
+            let signals =
+                match SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+                    Ok(s) => s,
+                    Err(e) => return fail(format!("cannot create a signalfd: {e}")),
+                };
             let opts = ServeOptions {
                 backing: BackingSpec {
                     path: backing,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestMemoryMmap, GuestRegionMmap,
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress,
 };
 
@@ -241,7 +241,8 @@ mod tests {
         let mut src = Lazy(vec![(0x10000, 0x1000, rw), (0x11000, 0x1000, rw)], 0);
         let mut s = IovaSpace::new();
         let mut iov = Vec::new();
-        s.translate(&mut src, 0x10800, 0x1000, true, &mut iov).unwrap();
+        s.translate(&mut src, 0x10800, 0x1000, true, &mut iov)
+            .unwrap();
         assert_eq!(iov.len(), 2);
         assert_eq!(iov[0].iov_len + iov[1].iov_len, 0x1000);
         assert_eq!(src.1, 2);
@@ -258,10 +259,22 @@ mod tests {
         let mut s = IovaSpace::new();
         assert_eq!(
             s.write(&mut src, 0x10000, &[0]),
-            Err(MemoryError::Access { iova: 0x10000, write: true })
+            Err(MemoryError::Access {
+                iova: 0x10000,
+                write: true
+            })
         );
-        assert_eq!(s.ensure(&mut src, 0x10f00, 0x200, false), Err(MemoryError::Unmapped(0x11000)));
-        assert_eq!(s.ensure(&mut src, u64::MAX - 2, 4, false), Err(MemoryError::Overflow(u64::MAX - 2)));
-        assert_eq!(s.ensure(&mut NoRegions, 0x20000, 1, false), Err(MemoryError::Unmapped(0x20000)));
+        assert_eq!(
+            s.ensure(&mut src, 0x10f00, 0x200, false),
+            Err(MemoryError::Unmapped(0x11000))
+        );
+        assert_eq!(
+            s.ensure(&mut src, u64::MAX - 2, 4, false),
+            Err(MemoryError::Overflow(u64::MAX - 2))
+        );
+        assert_eq!(
+            s.ensure(&mut NoRegions, 0x20000, 1, false),
+            Err(MemoryError::Unmapped(0x20000))
+        );
     }
 }

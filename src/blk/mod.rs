@@ -12,8 +12,8 @@ pub mod request;
 
 pub use config::{BlkConfig, BlkGeometry};
 pub use request::{
-    parse_request, DataSeg, DwzSegment, Request, RequestError, RequestKind, Segment,
-    SECTOR_SHIFT, SECTOR_SIZE,
+    parse_request, DataSeg, DwzSegment, Request, RequestError, RequestKind, Segment, SECTOR_SHIFT,
+    SECTOR_SIZE,
 };
 
 /// `VIRTIO_BLK_S_OK`: the request succeeded.

@@ -349,7 +349,7 @@ pub fn parse_request(
                 return Err(RequestError::ReadOnly);
             }
             if data_out == 0
-                || data_out % DWZ_SEG_LEN != 0
+                || !data_out.is_multiple_of(DWZ_SEG_LEN)
                 || data_out / DWZ_SEG_LEN > u64::from(MAX_DWZ_SEGMENTS)
             {
                 return Err(RequestError::BadSegmentCount);
@@ -429,7 +429,11 @@ mod tests {
     fn seg(addr: u64, len: u32, write: bool) -> Segment {
         Segment { addr, len, write }
     }
-    fn parse(segs: &[Segment], mem: &mut Mem, lim: &DeviceLimits) -> (Request, Result<(), RequestError>) {
+    fn parse(
+        segs: &[Segment],
+        mem: &mut Mem,
+        lim: &DeviceLimits,
+    ) -> (Request, Result<(), RequestError>) {
         let mut r = Request::default();
         let res = parse_request(segs, mem, lim, &mut r);
         (r, res)
@@ -439,12 +443,22 @@ mod tests {
     fn read_request_canonical_layout() {
         let mut m = Mem::default();
         m.put(0x1000, &hdr(VIRTIO_BLK_T_IN, 8));
-        let segs = [seg(0x1000, 16, false), seg(0x2000, 4096, true), seg(0x3000, 1, true)];
+        let segs = [
+            seg(0x1000, 16, false),
+            seg(0x2000, 4096, true),
+            seg(0x3000, 1, true),
+        ];
         let (r, res) = parse(&segs, &mut m, &LIM);
         res.unwrap();
         assert_eq!(r.kind, RequestKind::Read);
         assert_eq!(r.offset, 4096);
-        assert_eq!(r.data, vec![DataSeg { addr: 0x2000, len: 4096 }]);
+        assert_eq!(
+            r.data,
+            vec![DataSeg {
+                addr: 0x2000,
+                len: 4096
+            }]
+        );
         assert_eq!(r.status_addr, Some(0x3000));
     }
 
@@ -455,11 +469,21 @@ mod tests {
         m.put(0x1000, &h[..3]);
         m.put(0x5000, &h[3..]);
         // header tail and 512 data bytes share one descriptor; status shares with nothing.
-        let segs = [seg(0x1000, 3, false), seg(0x5000, 13 + 512, false), seg(0x9000, 1, true)];
+        let segs = [
+            seg(0x1000, 3, false),
+            seg(0x5000, 13 + 512, false),
+            seg(0x9000, 1, true),
+        ];
         let (r, res) = parse(&segs, &mut m, &LIM);
         res.unwrap();
         assert_eq!(r.kind, RequestKind::Write);
-        assert_eq!(r.data, vec![DataSeg { addr: 0x5000 + 13, len: 512 }]);
+        assert_eq!(
+            r.data,
+            vec![DataSeg {
+                addr: 0x5000 + 13,
+                len: 512
+            }]
+        );
     }
 
     #[test]
@@ -469,7 +493,13 @@ mod tests {
         let segs = [seg(0x1000, 16, false), seg(0x2000, 513, true)];
         let (r, res) = parse(&segs, &mut m, &LIM);
         res.unwrap();
-        assert_eq!(r.data, vec![DataSeg { addr: 0x2000, len: 512 }]);
+        assert_eq!(
+            r.data,
+            vec![DataSeg {
+                addr: 0x2000,
+                len: 512
+            }]
+        );
         assert_eq!(r.status_addr, Some(0x2000 + 512));
     }
 
@@ -482,15 +512,42 @@ mod tests {
         m.put(0x1300, &hdr(VIRTIO_BLK_T_OUT, u64::MAX / 256));
         let st = seg(0x3000, 1, true);
         let cases: Vec<(Vec<Segment>, RequestError)> = vec![
-            (vec![seg(0x1000, 15, false), st], RequestError::HeaderTooShort),
-            (vec![seg(0x1000, 16, true), st], RequestError::HeaderTooShort),
-            (vec![seg(0x1000, 16, false), seg(0x2000, 512, false), st], RequestError::WrongDirection),
-            (vec![seg(0x1000, 16, false), seg(0x2000, 100, true), st], RequestError::Unaligned),
-            (vec![seg(0x1100, 16, false), seg(0x2000, 512, false), st], RequestError::BeyondCapacity),
-            (vec![seg(0x1300, 16, false), seg(0x2000, 512, false), st], RequestError::Overflow),
-            (vec![seg(0x1200, 16, false), st], RequestError::UnsupportedType(99)),
-            (vec![seg(0x1000, 16, false), st, seg(0x4000, 1, false)], RequestError::ReadableAfterWritable),
-            (vec![seg(0x7000, 16, false), st], RequestError::Memory(0x7000)),
+            (
+                vec![seg(0x1000, 15, false), st],
+                RequestError::HeaderTooShort,
+            ),
+            (
+                vec![seg(0x1000, 16, true), st],
+                RequestError::HeaderTooShort,
+            ),
+            (
+                vec![seg(0x1000, 16, false), seg(0x2000, 512, false), st],
+                RequestError::WrongDirection,
+            ),
+            (
+                vec![seg(0x1000, 16, false), seg(0x2000, 100, true), st],
+                RequestError::Unaligned,
+            ),
+            (
+                vec![seg(0x1100, 16, false), seg(0x2000, 512, false), st],
+                RequestError::BeyondCapacity,
+            ),
+            (
+                vec![seg(0x1300, 16, false), seg(0x2000, 512, false), st],
+                RequestError::Overflow,
+            ),
+            (
+                vec![seg(0x1200, 16, false), st],
+                RequestError::UnsupportedType(99),
+            ),
+            (
+                vec![seg(0x1000, 16, false), st, seg(0x4000, 1, false)],
+                RequestError::ReadableAfterWritable,
+            ),
+            (
+                vec![seg(0x7000, 16, false), st],
+                RequestError::Memory(0x7000),
+            ),
         ];
         for (segs, want) in cases {
             let (r, res) = parse(&segs, &mut m, &LIM);
@@ -499,7 +556,10 @@ mod tests {
                 assert_eq!(r.status_addr, Some(0x3000));
             }
         }
-        assert_eq!(RequestError::UnsupportedType(99).status(), VIRTIO_BLK_S_UNSUPP);
+        assert_eq!(
+            RequestError::UnsupportedType(99).status(),
+            VIRTIO_BLK_S_UNSUPP
+        );
         assert_eq!(RequestError::Unaligned.status(), VIRTIO_BLK_S_IOERR);
     }
 
@@ -507,7 +567,11 @@ mod tests {
     fn no_status_when_last_writable_is_empty_or_absent() {
         let mut m = Mem::default();
         m.put(0x1000, &hdr(VIRTIO_BLK_T_FLUSH, 0));
-        let (r, res) = parse(&[seg(0x1000, 16, false), seg(0x3000, 0, true)], &mut m, &LIM);
+        let (r, res) = parse(
+            &[seg(0x1000, 16, false), seg(0x3000, 0, true)],
+            &mut m,
+            &LIM,
+        );
         assert_eq!(r.status_addr, None);
         res.unwrap();
         let (r, _) = parse(&[seg(0x1000, 16, false)], &mut m, &LIM);
@@ -516,12 +580,19 @@ mod tests {
 
     #[test]
     fn read_only_refuses_writes_but_not_reads_or_flush() {
-        let ro = DeviceLimits { capacity: 1 << 20, read_only: true };
+        let ro = DeviceLimits {
+            capacity: 1 << 20,
+            read_only: true,
+        };
         let mut m = Mem::default();
         m.put(0x1000, &hdr(VIRTIO_BLK_T_OUT, 0));
         m.put(0x1100, &hdr(VIRTIO_BLK_T_FLUSH, 0));
         let st = seg(0x3000, 1, true);
-        let (_, res) = parse(&[seg(0x1000, 16, false), seg(0x2000, 512, false), st], &mut m, &ro);
+        let (_, res) = parse(
+            &[seg(0x1000, 16, false), seg(0x2000, 512, false), st],
+            &mut m,
+            &ro,
+        );
         assert_eq!(res, Err(RequestError::ReadOnly));
         let (_, res) = parse(&[seg(0x1100, 16, false), st], &mut m, &ro);
         res.unwrap();
@@ -544,8 +615,16 @@ mod tests {
         assert_eq!(
             r.dwz,
             vec![
-                DwzSegment { offset: 0, len: 4096, unmap: true },
-                DwzSegment { offset: 64 * 512, len: 8192, unmap: false }
+                DwzSegment {
+                    offset: 0,
+                    len: 4096,
+                    unmap: true
+                },
+                DwzSegment {
+                    offset: 64 * 512,
+                    len: 8192,
+                    unmap: false
+                }
             ]
         );
         // The same payload as DISCARD: the unmap flag is not allowed there.
@@ -562,10 +641,32 @@ mod tests {
     fn get_id_needs_twenty_bytes() {
         let mut m = Mem::default();
         m.put(0x1000, &hdr(VIRTIO_BLK_T_GET_ID, 0));
-        let (_, res) = parse(&[seg(0x1000, 16, false), seg(0x2000, 10, true), seg(0x3000, 1, true)], &mut m, &LIM);
+        let (_, res) = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x2000, 10, true),
+                seg(0x3000, 1, true),
+            ],
+            &mut m,
+            &LIM,
+        );
         assert_eq!(res, Err(RequestError::ShortIdBuffer));
-        let (r, res) = parse(&[seg(0x1000, 16, false), seg(0x2000, 20, true), seg(0x3000, 1, true)], &mut m, &LIM);
+        let (r, res) = parse(
+            &[
+                seg(0x1000, 16, false),
+                seg(0x2000, 20, true),
+                seg(0x3000, 1, true),
+            ],
+            &mut m,
+            &LIM,
+        );
         res.unwrap();
-        assert_eq!(r.data, vec![DataSeg { addr: 0x2000, len: 20 }]);
+        assert_eq!(
+            r.data,
+            vec![DataSeg {
+                addr: 0x2000,
+                len: 20
+            }]
+        );
     }
 }

@@ -130,10 +130,12 @@ pub fn negotiate(ops: &mut dyn ControlOps) -> Result<Negotiated, NegotiateError>
     }
     let version = chosen.ok_or(NegotiateError::NoCommonVersion)?;
     // Safe now: the version is set, so GET cannot switch it.
-    let got = ops.get_api_version().map_err(|errno| NegotiateError::Ioctl {
-        op: "VDUSE_GET_API_VERSION",
-        errno,
-    })?;
+    let got = ops
+        .get_api_version()
+        .map_err(|errno| NegotiateError::Ioctl {
+            op: "VDUSE_GET_API_VERSION",
+            errno,
+        })?;
     if got != version.number() {
         return Err(NegotiateError::Mismatch {
             set: version.number(),
@@ -276,7 +278,7 @@ mod tests {
     fn enotty_for_features_means_none() {
         let mut k = FakeKernel::linux_7_2();
         k.unknown_ioctl = Errno::ENOTTY;
-        assert_eq!(negotiate(&mut k).unwrap().features_ioctl, false);
+        assert!(!negotiate(&mut k).unwrap().features_ioctl);
     }
 
     #[test]
@@ -295,7 +297,10 @@ mod tests {
         }
         assert!(matches!(
             negotiate(&mut Broken),
-            Err(NegotiateError::Ioctl { errno: Errno::EPERM, .. })
+            Err(NegotiateError::Ioctl {
+                errno: Errno::EPERM,
+                ..
+            })
         ));
         struct Ancient;
         impl ControlOps for Ancient {
@@ -309,7 +314,10 @@ mod tests {
                 Err(Errno::EINVAL)
             }
         }
-        assert_eq!(negotiate(&mut Ancient), Err(NegotiateError::NoCommonVersion));
+        assert_eq!(
+            negotiate(&mut Ancient),
+            Err(NegotiateError::NoCommonVersion)
+        );
     }
 
     #[test]

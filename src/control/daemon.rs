@@ -158,9 +158,8 @@ pub fn validate_name(name: &str) -> Result<(), DaemonError> {
             "device name {name:?} may only contain letters, digits, '-', '_' and '.' (not first)"
         )));
     }
-    let vq_like = name.len() > 2
-        && name.starts_with("vq")
-        && name[2..].bytes().all(|b| b.is_ascii_digit());
+    let vq_like =
+        name.len() > 2 && name.starts_with("vq") && name[2..].bytes().all(|b| b.is_ascii_digit());
     if name == "control" || vq_like {
         return Err(DaemonError::Name(format!(
             "device name {name:?} is reserved by the kernel (it collides with /dev/vduse/control or per-queue sysfs entries)"
@@ -175,7 +174,10 @@ fn validate_params(o: &ServeOptions) -> Result<(), DaemonError> {
         return p("at least 1 queue is needed".into());
     }
     if o.queues > MAX_QUEUES {
-        return p(format!("too many queues: {} (at most {MAX_QUEUES})", o.queues));
+        return p(format!(
+            "too many queues: {} (at most {MAX_QUEUES})",
+            o.queues
+        ));
     }
     if o.queue_size > MAX_QUEUE_SIZE {
         return p(format!(
@@ -366,8 +368,8 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
         config_size: config.len() as u32,
         ..Default::default()
     };
-    let buf = u::DevConfigBuf::new(&header, &config)
-        .map_err(|e| DaemonError::Params(e.to_string()))?;
+    let buf =
+        u::DevConfigBuf::new(&header, &config).map_err(|e| DaemonError::Params(e.to_string()))?;
     match control.create_dev(&buf) {
         Ok(()) => created.device = true,
         Err(Errno::EEXIST) => return Err(DaemonError::NameTaken(o.name.clone())),
@@ -429,7 +431,10 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
                 // With both bus drivers loaded, keep the other from grabbing the device.
                 let steer = sysfs::vdpa_driver_loaded(other);
                 let autoprobe = if steer {
-                    Some(sysfs::set_autoprobe(false).map_err(io_err("cannot set drivers_autoprobe"))?)
+                    Some(
+                        sysfs::set_autoprobe(false)
+                            .map_err(io_err("cannot set drivers_autoprobe"))?,
+                    )
                 } else {
                     None
                 };
@@ -505,7 +510,12 @@ fn wait_for_end(signals: &SignalFd, events: &Receiver<LoopEvent>) -> Result<(), 
                 }
             }
             Err(Errno::EINTR) => continue,
-            Err(e) => return Err(DaemonError::Io { what: "poll", source: e.into() }),
+            Err(e) => {
+                return Err(DaemonError::Io {
+                    what: "poll",
+                    source: e.into(),
+                })
+            }
         }
     }
 }
@@ -623,8 +633,16 @@ pub fn print_probe(r: &ProbeReport, json: bool) -> io::Result<()> {
     }
     let yn = |b: bool| if b { "yes" } else { "no" };
     writeln!(out, "kernel:              {}", r.kernel)?;
-    writeln!(out, "control device:      {} ({CONTROL_PATH})", yn(r.control_device))?;
-    writeln!(out, "API versions:        {:?} (kernel accepts)", r.api_versions)?;
+    writeln!(
+        out,
+        "control device:      {} ({CONTROL_PATH})",
+        yn(r.control_device)
+    )?;
+    writeln!(
+        out,
+        "API versions:        {:?} (kernel accepts)",
+        r.api_versions
+    )?;
     writeln!(
         out,
         "API version chosen:  {} (we speak {:?})",
@@ -714,8 +732,14 @@ mod tests {
         for bad in ["", "vq0", "vq12", "control", "a/b", ".x", "a b"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
-        assert!(validate_name(&"x".repeat(256)).unwrap_err().to_string().contains("too long"));
-        assert!(validate_name("vq0").unwrap_err().to_string().contains("reserved"));
+        assert!(validate_name(&"x".repeat(256))
+            .unwrap_err()
+            .to_string()
+            .contains("too long"));
+        assert!(validate_name("vq0")
+            .unwrap_err()
+            .to_string()
+            .contains("reserved"));
         for good in ["vdb0", "vq", "vqa", "disk-1.a_b", &"x".repeat(255)] {
             validate_name(good).unwrap();
         }
@@ -744,15 +768,27 @@ mod tests {
         let mut o = opts();
         validate_params(&o).unwrap();
         o.queue_size = 100;
-        assert!(validate_params(&o).unwrap_err().to_string().contains("power of two"));
+        assert!(validate_params(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("power of two"));
         o.queue_size = 65536;
-        assert!(validate_params(&o).unwrap_err().to_string().contains("too large"));
+        assert!(validate_params(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("too large"));
         o = opts();
         o.queues = 1000;
-        assert!(validate_params(&o).unwrap_err().to_string().contains("too many queues"));
+        assert!(validate_params(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("too many queues"));
         o = opts();
         o.backing.block_size = 1024;
-        assert!(validate_params(&o).unwrap_err().to_string().contains("512 or 4096"));
+        assert!(validate_params(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("512 or 4096"));
         o = opts();
         o.serial = Some("x".repeat(21));
         assert!(validate_params(&o).is_err());

@@ -49,7 +49,10 @@ impl RegionSource for VduseEdge {
         match map_region(r) {
             Ok(region) => Some(region),
             Err(e) => {
-                warn!("queue {}: cannot map IOTLB region for {iova:#x}: {e}", self.index);
+                warn!(
+                    "queue {}: cannot map IOTLB region for {iova:#x}: {e}",
+                    self.index
+                );
                 None
             }
         }
@@ -262,7 +265,10 @@ impl MessageLoop {
                 if !self.workers.is_empty() {
                     self.stop_workers(true);
                     if let Err(e) = self.start_workers() {
-                        warn!("{}: cannot restart queues after IOTLB update: {e}", self.cfg.name);
+                        warn!(
+                            "{}: cannot restart queues after IOTLB update: {e}",
+                            self.cfg.name
+                        );
                         return failed;
                     }
                 }
@@ -335,7 +341,11 @@ impl MessageLoop {
             return None;
         }
         // The VMM asks for the ring base when it stops the device: quiesce that queue.
-        if let Some(pos) = self.workers.iter().position(|w| u32::from(w.index()) == index) {
+        if let Some(pos) = self
+            .workers
+            .iter()
+            .position(|w| u32::from(w.index()) == index)
+        {
             let w = self.workers.swap_remove(pos);
             self.collect(w, true);
         }

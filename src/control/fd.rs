@@ -220,7 +220,10 @@ impl DeviceFd {
         let bytes = resp.to_bytes();
         let n = (&self.file).write(&bytes)?;
         if n != bytes.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short VDUSE reply"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short VDUSE reply",
+            ));
         }
         Ok(())
     }

@@ -12,10 +12,11 @@
 //! header printed on x86_64.
 //!
 //! Layout notes:
-//! * API v1 (Linux 7.0+) carved `ngroups`/`nas` out of `vduse_dev_config.reserved`, `group` out of
-//!   `vduse_vq_config.reserved`, and `asid` out of the reserved words of `vduse_iova_umem` and
-//!   `vduse_iova_info`. Sizes did not change; a v0 kernel treats those fields as reserved and
-//!   requires them to be zero, which is what [`Default`] gives.
+//! * API v1 (7.x series; present in 7.2) carved `ngroups`/`nas` out of
+//!   `vduse_dev_config.reserved`, `group` out of `vduse_vq_config.reserved`, and `asid` out of
+//!   the reserved words of `vduse_iova_umem` and `vduse_iova_info`. Sizes did not change; a v0
+//!   kernel treats those fields as reserved and requires them to be zero, which is what
+//!   [`Default`] gives.
 //! * `vduse_iotlb_entry_v2` is the final, flattened 80-byte form ("vduse: avoid adding implicit
 //!   padding"); the 88-byte form that embedded `struct vduse_iotlb_entry` was never accepted by a
 //!   7.2 kernel.
@@ -98,7 +99,9 @@ pub struct VduseDevConfig {
     pub ngroups: u32,
     /// Number of address spaces (API v1: in [1, 0xffff]; API v0: must be 0).
     pub nas: u32,
-    /// Must be zero.
+    /// Must be zero. (The unmerged `VDUSE_GET_FEATURES` series turns `reserved[0..2]` into a
+    /// `u64 vduse_features` at offset 288, only meaningful when that ioctl succeeds; zero means
+    /// "no optional VDUSE features" there too.)
     pub reserved: [u32; 11],
     /// Size of the config space that follows the header.
     pub config_size: u32,

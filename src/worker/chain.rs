@@ -58,10 +58,10 @@ impl ChainError {
     }
 }
 
-/// Read a descriptor at IOVA `addr`; `Err(())` when unreadable.
+/// Read a descriptor at IOVA `addr`; `None` when unreadable.
 pub trait DescRead {
     /// Read the 16-byte descriptor at `addr`.
-    fn read_desc(&mut self, addr: u64) -> Result<Descriptor, ()>;
+    fn read_desc(&mut self, addr: u64) -> Option<Descriptor>;
 }
 
 /// Walk the chain starting at `head` of the table at `table` (`size` entries), appending one
@@ -94,12 +94,10 @@ pub fn walk_chain(
             } else {
                 ChainError::TableUnreadable(table)
             })?;
-        let desc = mem.read_desc(addr).map_err(|_| {
-            if indirect {
-                ChainError::IndirectUnreadable(addr)
-            } else {
-                ChainError::TableUnreadable(addr)
-            }
+        let desc = mem.read_desc(addr).ok_or(if indirect {
+            ChainError::IndirectUnreadable(addr)
+        } else {
+            ChainError::TableUnreadable(addr)
         })?;
         let flags = desc.flags();
         if flags & VIRTQ_DESC_F_INDIRECT != 0 {
@@ -147,8 +145,8 @@ mod tests {
         }
     }
     impl DescRead for Table {
-        fn read_desc(&mut self, addr: u64) -> Result<Descriptor, ()> {
-            self.0.get(&addr).copied().ok_or(())
+        fn read_desc(&mut self, addr: u64) -> Option<Descriptor> {
+            self.0.get(&addr).copied()
         }
     }
 
@@ -156,7 +154,14 @@ mod tests {
     fn direct_and_indirect_chains() {
         let mut t = Table::default();
         t.set(0x1000, 0, 0xa000, 16, VIRTQ_DESC_F_NEXT, 3);
-        t.set(0x1000, 3, 0xb000, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1);
+        t.set(
+            0x1000,
+            3,
+            0xb000,
+            512,
+            VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+            1,
+        );
         t.set(0x1000, 1, 0xc000, 1, VIRTQ_DESC_F_WRITE, 0);
         let mut out = Vec::new();
         walk_chain(&mut t, 0x1000, 4, 0, &mut out).unwrap();
@@ -167,10 +172,21 @@ mod tests {
         t.set(0x2000, 0, 0xa000, 16, VIRTQ_DESC_F_NEXT, 1);
         t.set(0x2000, 1, 0xc000, 1, VIRTQ_DESC_F_WRITE, 0);
         walk_chain(&mut t, 0x1000, 4, 2, &mut out).unwrap();
-        assert_eq!(out, vec![
-            Segment { addr: 0xa000, len: 16, write: false },
-            Segment { addr: 0xc000, len: 1, write: true },
-        ]);
+        assert_eq!(
+            out,
+            vec![
+                Segment {
+                    addr: 0xa000,
+                    len: 16,
+                    write: false
+                },
+                Segment {
+                    addr: 0xc000,
+                    len: 1,
+                    write: true
+                },
+            ]
+        );
     }
 
     #[test]
@@ -180,20 +196,38 @@ mod tests {
         // loop 0 -> 1 -> 0
         t.set(0x1000, 0, 0xa000, 16, VIRTQ_DESC_F_NEXT, 1);
         t.set(0x1000, 1, 0xa000, 16, VIRTQ_DESC_F_NEXT, 0);
-        assert_eq!(walk_chain(&mut t, 0x1000, 2, 0, &mut out), Err(ChainError::Loop));
-        assert_eq!(walk_chain(&mut t, 0x1000, 2, 2, &mut out), Err(ChainError::HeadOutOfRange(2)));
+        assert_eq!(
+            walk_chain(&mut t, 0x1000, 2, 0, &mut out),
+            Err(ChainError::Loop)
+        );
+        assert_eq!(
+            walk_chain(&mut t, 0x1000, 2, 2, &mut out),
+            Err(ChainError::HeadOutOfRange(2))
+        );
         t.set(0x1000, 0, 0xa000, 16, VIRTQ_DESC_F_NEXT, 7);
-        assert_eq!(walk_chain(&mut t, 0x1000, 2, 0, &mut out), Err(ChainError::NextOutOfRange(7)));
+        assert_eq!(
+            walk_chain(&mut t, 0x1000, 2, 0, &mut out),
+            Err(ChainError::NextOutOfRange(7))
+        );
         // nested indirect
         t.set(0x1000, 0, 0x2000, 16, VIRTQ_DESC_F_INDIRECT, 0);
         t.set(0x2000, 0, 0x3000, 16, VIRTQ_DESC_F_INDIRECT, 0);
-        assert_eq!(walk_chain(&mut t, 0x1000, 2, 0, &mut out), Err(ChainError::NestedIndirect));
+        assert_eq!(
+            walk_chain(&mut t, 0x1000, 2, 0, &mut out),
+            Err(ChainError::NestedIndirect)
+        );
         // indirect loop
         t.set(0x2000, 0, 0xa000, 16, VIRTQ_DESC_F_NEXT, 0);
-        assert_eq!(walk_chain(&mut t, 0x1000, 2, 0, &mut out), Err(ChainError::Loop));
+        assert_eq!(
+            walk_chain(&mut t, 0x1000, 2, 0, &mut out),
+            Err(ChainError::Loop)
+        );
         // bad lengths, unreadable tables
         t.set(0x1000, 0, 0x2000, 24, VIRTQ_DESC_F_INDIRECT, 0);
-        assert_eq!(walk_chain(&mut t, 0x1000, 2, 0, &mut out), Err(ChainError::BadIndirectLen(24)));
+        assert_eq!(
+            walk_chain(&mut t, 0x1000, 2, 0, &mut out),
+            Err(ChainError::BadIndirectLen(24))
+        );
         t.set(0x1000, 0, 0x9000, 16, VIRTQ_DESC_F_INDIRECT, 0);
         let e = walk_chain(&mut t, 0x1000, 2, 0, &mut out).unwrap_err();
         assert_eq!(e, ChainError::IndirectUnreadable(0x9000));

@@ -338,21 +338,19 @@ struct MemView<'a, E> {
 
 impl<E: RegionSource> GuestRead for MemView<'_, E> {
     fn read_at(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), u64> {
-        self.space
-            .read(self.edge, addr, buf)
-            .map_err(|e| e.iova())
+        self.space.read(self.edge, addr, buf).map_err(|e| e.iova())
     }
 }
 
 impl<E: RegionSource> DescRead for MemView<'_, E> {
-    fn read_desc(&mut self, addr: u64) -> Result<Descriptor, ()> {
+    fn read_desc(&mut self, addr: u64) -> Option<Descriptor> {
         let mut raw = [0u8; 16];
-        self.space.read(self.edge, addr, &mut raw).map_err(|_| ())?;
+        self.space.read(self.edge, addr, &mut raw).ok()?;
         let a = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
         let l = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
         let f = u16::from_le_bytes(raw[12..14].try_into().expect("2 bytes"));
         let n = u16::from_le_bytes(raw[14..16].try_into().expect("2 bytes"));
-        Ok(Descriptor::new(a, l, f, n))
+        Some(Descriptor::new(a, l, f, n))
     }
 }
 
@@ -386,7 +384,9 @@ struct Worker<E: QueueEdge> {
 
 fn ring_for(size: u16) -> io::Result<(IoUring, usize)> {
     let sq = u32::from(size).clamp(32, 4096).next_power_of_two();
-    let cq = (u32::from(size) * 2 + 64).next_power_of_two().clamp(64, 65536);
+    let cq = (u32::from(size) * 2 + 64)
+        .next_power_of_two()
+        .clamp(64, 65536);
     let build = |defer: bool| {
         let mut b = IoUring::builder();
         b.setup_cqsize(cq);
@@ -531,13 +531,9 @@ impl<E: QueueEdge> Worker<E> {
 
     fn arm_stop(&mut self) -> io::Result<()> {
         let fd: RawFd = self.stop.as_raw_fd();
-        let sqe = opcode::Read::new(
-            types::Fd(fd),
-            (&mut *self.stop_buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(STOP_TOKEN);
+        let sqe = opcode::Read::new(types::Fd(fd), (&mut *self.stop_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(STOP_TOKEN);
         self.push(&sqe)?;
         self.stop_armed = true;
         Ok(())
@@ -618,7 +614,9 @@ impl<E: QueueEdge> Worker<E> {
         let mut expected = 0usize;
         for (armed, tok) in [(self.kick_armed, KICK_TOKEN), (self.stop_armed, STOP_TOKEN)] {
             if armed {
-                let sqe = opcode::AsyncCancel::new(tok).build().user_data(CANCEL_TOKEN);
+                let sqe = opcode::AsyncCancel::new(tok)
+                    .build()
+                    .user_data(CANCEL_TOKEN);
                 self.push(&sqe).map_err(|e| self.uring_err(e))?;
                 expected += 2;
             }
@@ -902,7 +900,10 @@ impl<E: QueueEdge> Worker<E> {
     fn complete_op(&mut self, ud: u64, res: i32) {
         let (head, op, seg) = untoken(ud);
         let Some(op) = op else {
-            warn!("queue {}: completion with unknown token {ud:#x}", self.index);
+            warn!(
+                "queue {}: completion with unknown token {ud:#x}",
+                self.index
+            );
             return;
         };
         let idx = usize::from(head);
@@ -932,7 +933,11 @@ impl<E: QueueEdge> Worker<E> {
         };
         if !ok {
             if res < 0 {
-                debug!("queue {}: head {head}: {op:?} failed: {}", self.index, io::Error::from_raw_os_error(-res));
+                debug!(
+                    "queue {}: head {head}: {op:?} failed: {}",
+                    self.index,
+                    io::Error::from_raw_os_error(-res)
+                );
             }
             self.slots[idx].failed = true;
         }
@@ -956,25 +961,19 @@ impl<E: QueueEdge> Worker<E> {
         let status_addr = slot.status_addr;
         let started = slot.started.take();
         let ok = status == VIRTIO_BLK_S_OK;
-        let used_len = match status_addr {
-            Some(addr) => {
-                if self.space.write(&mut self.edge, addr, &[status]).is_ok() {
-                    let data = match kind {
-                        RequestKind::Read if ok => data_len,
-                        RequestKind::GetId if ok => VIRTIO_BLK_ID_BYTES as u64,
-                        _ => 0,
-                    };
-                    // Bounded by the chain's u32 lengths.
-                    (data + 1).min(u64::from(u32::MAX)) as u32
-                } else {
-                    self.stats.unanswerable += 1;
-                    0
-                }
-            }
-            None => {
-                self.stats.unanswerable += 1;
-                0
-            }
+        let written = status_addr
+            .is_some_and(|addr| self.space.write(&mut self.edge, addr, &[status]).is_ok());
+        let used_len = if written {
+            let data = match kind {
+                RequestKind::Read if ok => data_len,
+                RequestKind::GetId if ok => VIRTIO_BLK_ID_BYTES as u64,
+                _ => 0,
+            };
+            // Bounded by the chain's u32 lengths.
+            (data + 1).min(u64::from(u32::MAX)) as u32
+        } else {
+            self.stats.unanswerable += 1;
+            0
         };
         if ok {
             let s = &mut self.stats;
@@ -1030,4 +1029,3 @@ impl<E: QueueEdge> Worker<E> {
         }
     }
 }
-
