@@ -81,6 +81,10 @@ pub enum Command {
         /// Which vdpa bus driver gets the device.
         #[arg(long, value_enum, default_value_t = Attach::Virtio)]
         attach: Attach,
+        /// Use this VDUSE API version (0 or 1) instead of the highest one both the kernel
+        /// and vduse-blkd speak. For testing and for comparing the code paths.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1))]
+        api_version: Option<u64>,
     },
     /// Print what the running kernel's VDUSE offers: API versions, the version chosen,
     /// optional features, umem support, bounce size, loaded bus drivers.
@@ -162,6 +166,7 @@ pub fn run(cli: Cli) -> ExitCode {
             block_size,
             serial,
             attach,
+            api_version,
         } => {
             // Termination signals are read from a signalfd; block them before any thread
             // exists so every thread inherits the mask.
@@ -194,6 +199,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     Attach::Vhost => AttachMode::Vhost,
                     Attach::None => AttachMode::None,
                 },
+                api_version,
             };
             match daemon::serve(&opts, &signals) {
                 Ok(report) => {

@@ -150,6 +150,25 @@ pub fn negotiate(ops: &mut dyn ControlOps) -> Result<Negotiated, NegotiateError>
     })
 }
 
+/// Set exactly `version` (for `--api-version`); fails if the kernel or we do not speak it.
+pub fn negotiate_exact(
+    ops: &mut dyn ControlOps,
+    version: u64,
+) -> Result<Negotiated, NegotiateError> {
+    let v = ApiVersion::from_number(version).ok_or(NegotiateError::NoCommonVersion)?;
+    ops.set_api_version(version)
+        .map_err(|errno| NegotiateError::Ioctl {
+            op: "VDUSE_SET_API_VERSION",
+            errno,
+        })?;
+    let (features, features_ioctl) = probe_features(ops)?;
+    Ok(Negotiated {
+        version: v,
+        features,
+        features_ioctl,
+    })
+}
+
 /// Which versions the kernel accepts, from 0 to [`PROBE_MAX_VERSION`]. Leaves the fd set to
 /// the last accepted version: call [`negotiate`] afterwards.
 pub fn kernel_versions(ops: &mut dyn ControlOps) -> Result<Vec<u64>, NegotiateError> {

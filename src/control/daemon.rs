@@ -67,6 +67,8 @@ pub struct ServeOptions {
     pub serial: Option<String>,
     /// Where to attach.
     pub attach: AttachMode,
+    /// Force this VDUSE API version instead of the highest common one.
+    pub api_version: Option<u64>,
 }
 
 /// Why a command failed. Each message is one line a user can act on.
@@ -329,7 +331,10 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
         AttachMode::None => None,
         _ => Some(VdpaNetlink::connect()?),
     };
-    let negotiated = negotiate(&mut control)?;
+    let negotiated = match o.api_version {
+        Some(v) => api::negotiate_exact(&mut control, v)?,
+        None => negotiate(&mut control)?,
+    };
     info!("VDUSE API {:?}", negotiated.version);
 
     // 2. The backing store (may create a file; removed again on failure).
@@ -760,6 +765,7 @@ mod tests {
             cpus: vec![],
             serial: None,
             attach: AttachMode::Virtio,
+            api_version: None,
         }
     }
 
