@@ -1,0 +1,328 @@
+# The VM suite for vduse-blkd (busybox sh): tools/vm/run 7.2 tools/vm/guest/suite.sh
+# One RESULT line per case. VM_CASES="a b" (tools/vm/run --env) runs only those cases.
+# shellcheck source=lib.sh
+. /guest/lib.sh
+export CASE_SCRIPT=/guest/suite.sh
+MIB=1048576 # bytes
+
+# bounded LIMIT_S OUT ERR CMD...: run CMD with stdout/stderr to files, killed (SIGKILL:
+# a SIGTERM'd daemon would exit 0) after LIMIT_S; sets RC; fails the case on a timeout.
+bounded() {
+    _lim=$1 _o=$2 _e=$3
+    shift 3
+    timeout -s KILL "$_lim" "$@" >"$_o" 2>"$_e"
+    RC=$?
+    [ "$RC" != 137 ] || fail "'$*' did not finish within ${_lim}s"
+}
+
+need_daemon() {
+    [ "$VM_BACKEND" != vduse-blkd ] || command -v vduse-blkd >/dev/null ||
+        fail "vduse-blkd is not in this guest (build it: cargo build --release)"
+}
+
+# expected VDUSE API version from the running kernel: 7.x and later -> 1, 6.x -> 0
+expected_api() {
+    _major=$(uname -r | cut -d. -f1)
+    if [ "$_major" -ge 7 ]; then echo 1; else echo 0; fi
+}
+
+# md5 of LEN_MIB MiB at OFF_MIB MiB of FILE (direct I/O for block devices)
+md5_range() {
+    _fl=
+    [ -b "$1" ] && _fl=iflag=direct
+    # shellcheck disable=SC2086
+    dd if="$1" bs=1M skip="$2" count="$3" $_fl 2>/dev/null | md5sum | cut -d' ' -f1
+}
+
+zero_md5() { dd if=/dev/zero bs=1M count="$1" 2>/dev/null | md5sum | cut -d' ' -f1; }
+
+# ---------------------------------------------------------------------------------
+case_missing_module() {
+    need_daemon
+    [ ! -d /sys/module/vduse ] || fail "the vduse module is already loaded (this case must run first)"
+    rm -f /tmp/x.img
+    bounded 30 /tmp/mm.out /tmp/mm.err vduse-blkd serve /tmp/x.img --name t --size 16M
+    [ "$RC" != 0 ] || fail "serve exited 0 without the vduse module"
+    { grep -qi vduse /tmp/mm.err && grep -qi module /tmp/mm.err; } ||
+        fail "serve's stderr does not mention 'vduse' and 'module': $(head -c 300 /tmp/mm.err)"
+    [ ! -e /tmp/x.img ] || fail "serve created /tmp/x.img although it could not serve it"
+    [ ! -s /tmp/mm.out ] || fail "serve printed on stdout: $(head -c 200 /tmp/mm.out)"
+    bounded 30 /tmp/mp.out /tmp/mp.err vduse-blkd probe
+    [ "$RC" != 0 ] || fail "probe exited 0 without the vduse module"
+    cat /tmp/mp.out /tmp/mp.err | grep -qi module ||
+        fail "probe's message does not mention 'module': $(head -c 300 /tmp/mp.err)"
+}
+
+case_load_modules() {
+    load_vduse_modules || fail "loading vduse/virtio_vdpa/vhost_vdpa failed"
+    [ -c /dev/vduse/control ] || fail "no /dev/vduse/control"
+}
+
+case_probe() {
+    need_daemon
+    bounded 30 /tmp/p.out /tmp/p.err vduse-blkd probe
+    [ "$RC" = 0 ] || fail "probe exited $RC: $(head -c 300 /tmp/p.err)"
+    [ -s /tmp/p.out ] || fail "probe printed nothing"
+    sed 's/^/#   /' /tmp/p.out
+    bounded 30 /tmp/pj.out /tmp/pj.err vduse-blkd probe --json
+    [ "$RC" = 0 ] || fail "probe --json exited $RC: $(head -c 300 /tmp/pj.err)"
+    got=$(tr -d '\n' </tmp/pj.out | grep -o '"api_version_chosen" *: *[0-9]*' | grep -o '[0-9]*$')
+    want=$(expected_api)
+    [ -n "$got" ] || fail "probe --json has no \"api_version_chosen\": $(head -c 300 /tmp/pj.out)"
+    [ "$got" = "$want" ] || fail "api_version_chosen is $got, want $want on $(uname -r)"
+}
+
+# fio job shared by the write pass (device) and the check pass (backing file):
+# same seed, offsets, sizes and block sizes, so --verify_only re-derives every block.
+FV_REGION1="--offset=0 --size=128M --iodepth=1"
+FV_REGION2="--offset=128M --size=256M --iodepth=32"
+fv_jobs() {
+    # fv_jobs FILE ENGINE DIRECT EXTRA...
+    _f=$1 _eng=$2 _dir=$3
+    shift 3
+    # shellcheck disable=SC2086
+    fio --filename="$_f" --ioengine="$_eng" --direct="$_dir" --rw=randwrite --bsrange=4k-128k \
+        --verify=crc32c --verify_fatal=1 --randrepeat=1 --randseed=4242 --norandommap=0 \
+        --output-format=terse "$@" \
+        --name=qd1 $FV_REGION1 --name=qd32 $FV_REGION2
+}
+
+case_fio_verify() {
+    need_daemon
+    rm -f /tmp/fv.img
+    truncate -s 512M /tmp/fv.img
+    start_daemon fv /tmp/fv.img --queues 2
+    nq=$(find "/sys/block/${DEV#/dev/}/mq" -mindepth 1 -maxdepth 1 | wc -l)
+    [ "$nq" = 2 ] || fail "$DEV has $nq hardware queues, want 2 (--queues 2)"
+    if ! fv_jobs "$DEV" libaio 1 --do_verify=1 >/tmp/fv.fio 2>&1; then
+        show_tail /tmp/fv.fio
+        fail "fio write+verify through $DEV failed: $(grep -m 1 -i -E 'verify|error' /tmp/fv.fio)"
+    fi
+    written=$(awk -F';' '{w += $47} END {print int(w / 1024)}' /tmp/fv.fio)
+    note "fio wrote ${written} MiB through $DEV and verified it"
+    [ "$written" -ge 256 ] || fail "fio wrote only ${written} MiB (want >= 256)"
+    stop_daemon fv
+    # After shutdown: the file itself must hold every block fio wrote.
+    if ! fv_jobs /tmp/fv.img psync 0 --verify_only >/tmp/fv2.fio 2>&1; then
+        show_tail /tmp/fv2.fio
+        fail "backing file does not match what fio wrote: $(grep -m 1 -i -E 'verify|error' /tmp/fv2.fio)"
+    fi
+    # The check must be able to fail: corrupt one block and expect a verify error.
+    printf 'X' | dd of=/tmp/fv.img bs=1 seek=$((200 * MIB + 777)) conv=notrunc 2>/dev/null
+    if fv_jobs /tmp/fv.img psync 0 --verify_only >/tmp/fv3.fio 2>&1; then
+        fail "verify_only did not notice a corrupted byte in the backing file (the check is blind)"
+    fi
+    rm -f /tmp/fv.img
+}
+
+case_ext4() {
+    need_daemon
+    rm -f /tmp/e.img
+    truncate -s 256M /tmp/e.img
+    start_daemon ex /tmp/e.img
+    /sbin/mke2fs -q -F -t ext4 "$DEV" >/tmp/ex.mkfs 2>&1 || fail "mke2fs failed: $(tail -n 3 /tmp/ex.mkfs)"
+    mkdir -p /mnt/ex
+    mount -t ext4 "$DEV" /mnt/ex || fail "mount $DEV failed"
+    for i in 1 2 3 4 5; do
+        dd if=/dev/urandom of="/mnt/ex/f$i" bs=64k count=$((i * 40)) 2>/dev/null || fail "writing f$i failed"
+    done
+    mkdir /mnt/ex/d && dd if=/dev/urandom of=/mnt/ex/d/small bs=1k count=3 2>/dev/null
+    (cd /mnt/ex && md5sum f1 f2 f3 f4 f5 d/small) >/tmp/ex.md5
+    sync
+    umount /mnt/ex || fail "umount failed"
+    /sbin/e2fsck -fn "$DEV" >/tmp/ex.fsck 2>&1 || { show_tail /tmp/ex.fsck; fail "e2fsck -fn $DEV not clean"; }
+    mount -t ext4 "$DEV" /mnt/ex || fail "second mount failed"
+    (cd /mnt/ex && md5sum -c /tmp/ex.md5 >/tmp/ex.check 2>&1) || { show_tail /tmp/ex.check; fail "md5sums differ after remount"; }
+    umount /mnt/ex || fail "second umount failed"
+    stop_daemon ex
+    /sbin/e2fsck -fn /tmp/e.img >/tmp/ex.fsck2 2>&1 || { show_tail /tmp/ex.fsck2; fail "e2fsck of the backing file not clean"; }
+    # the files' data must be in the backing file itself
+    for f in f1 f3 f5 d/small; do
+        /sbin/debugfs -R "dump /$f /tmp/ex.dump" /tmp/e.img >/dev/null 2>&1 || fail "debugfs could not read /$f from the backing file"
+        want=$(grep " $f\$" /tmp/ex.md5 | cut -d' ' -f1)
+        got=$(md5sum /tmp/ex.dump | cut -d' ' -f1)
+        [ "$got" = "$want" ] || fail "/$f in the backing file has md5 $got, want $want"
+    done
+    rm -f /tmp/e.img /tmp/ex.dump
+}
+
+case_discard_zeroes() {
+    need_daemon
+    rm -f /tmp/dz.img
+    truncate -s 64M /tmp/dz.img
+    start_daemon dz /tmp/dz.img
+    q=/sys/block/${DEV#/dev/}/queue
+    [ "$(cat "$q/discard_max_bytes")" -gt 0 ] || fail "$DEV does not advertise discard"
+    [ "$(cat "$q/write_zeroes_max_bytes")" -gt 0 ] || fail "$DEV does not advertise write zeroes"
+    dd if=/dev/urandom of=/tmp/dz.rand bs=1M count=24 2>/dev/null
+    # write [8M, 32M) with fsync (flush path) and check it landed
+    dd if=/tmp/dz.rand of="$DEV" bs=1M seek=8 oflag=direct conv=fsync 2>/tmp/dz.dd ||
+        fail "dd conv=fsync to $DEV failed: $(cat /tmp/dz.dd)"
+    want=$(md5sum </tmp/dz.rand | cut -d' ' -f1)
+    [ "$(md5_range "$DEV" 8 24)" = "$want" ] || fail "data read back from $DEV differs"
+    [ "$(md5_range /tmp/dz.img 8 24)" = "$want" ] || fail "backing file does not hold the written data"
+    blocks0=$(stat -c %b /tmp/dz.img)
+    # discard [8M, 16M): reads back zeroes and punches a hole in the file
+    /sbin/blkdiscard -o $((8 * MIB)) -l $((8 * MIB)) "$DEV" 2>/tmp/dz.bd || fail "blkdiscard failed: $(cat /tmp/dz.bd)"
+    z8=$(zero_md5 8)
+    [ "$(md5_range "$DEV" 8 8)" = "$z8" ] || fail "discarded range does not read back as zeroes"
+    [ "$(md5_range /tmp/dz.img 8 8)" = "$z8" ] || fail "discarded range of the backing file is not zero"
+    blocks1=$(stat -c %b /tmp/dz.img)
+    note "backing file blocks: $blocks0 before discard, $blocks1 after"
+    [ "$blocks1" -le $((blocks0 - 8 * 2048)) ] || fail "no hole: backing file has $blocks1 blocks after discarding 8 MiB (had $blocks0)"
+    # write zeroes on [16M, 24M)
+    /sbin/blkdiscard -z -o $((16 * MIB)) -l $((8 * MIB)) "$DEV" 2>/tmp/dz.bz || fail "blkdiscard -z failed: $(cat /tmp/dz.bz)"
+    [ "$(md5_range "$DEV" 16 8)" = "$z8" ] || fail "write-zeroes range does not read back as zeroes"
+    [ "$(md5_range /tmp/dz.img 16 8)" = "$z8" ] || fail "write-zeroes range of the backing file is not zero"
+    # [24M, 32M) untouched
+    want=$(dd if=/tmp/dz.rand bs=1M skip=16 count=8 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$(md5_range "$DEV" 24 8)" = "$want" ] || fail "data next to the discarded ranges changed"
+    sync || fail "sync failed"
+    stop_daemon dz
+    [ "$(md5_range /tmp/dz.img 24 8)" = "$want" ] || fail "backing file lost data next to the discarded ranges"
+    rm -f /tmp/dz.img /tmp/dz.rand
+}
+
+case_readonly() {
+    need_daemon
+    dd if=/dev/urandom of=/tmp/ro.img bs=1M count=16 2>/dev/null
+    want=$(md5sum </tmp/ro.img | cut -d' ' -f1)
+    start_daemon ro /tmp/ro.img --readonly
+    [ "$(cat "/sys/block/${DEV#/dev/}/ro")" = 1 ] || fail "/sys/block/${DEV#/dev/}/ro is not 1"
+    [ "$(blockdev --getro "$DEV")" = 1 ] || fail "blockdev --getro $DEV is not 1"
+    [ "$(md5_range "$DEV" 0 16)" = "$want" ] || fail "reading $DEV does not give the file's content"
+    if dd if=/dev/zero of="$DEV" bs=4k count=1 oflag=direct 2>/tmp/ro.dd; then
+        fail "a direct write to the read-only $DEV succeeded"
+    fi
+    note "write refused: $(head -n 1 /tmp/ro.dd)"
+    stop_daemon ro
+    [ "$(md5sum </tmp/ro.img | cut -d' ' -f1)" = "$want" ] || fail "the backing file changed"
+    rm -f /tmp/ro.img
+}
+
+case_sigterm_under_load() {
+    need_daemon
+    rm -f /tmp/sl.img
+    truncate -s 256M /tmp/sl.img
+    start_daemon sl /tmp/sl.img --queues 2
+    dpid=$DAEMON_PID
+    disk=${DEV#/dev/}
+    bg_start /tmp/sl.fio fio --name=load --filename="$DEV" --rw=randwrite --bs=4k --iodepth=32 \
+        --ioengine=libaio --direct=1 --time_based --runtime=300 --numjobs=2
+    fpid=$BG_PID
+    # wait until writes are really flowing
+    end=$(($(now) + 60))
+    while [ "$(awk '{print $5}' "/sys/block/$disk/stat" 2>/dev/null || echo 0)" -lt 2000 ]; do
+        proc_gone "$fpid" && { show_tail /tmp/sl.fio; fail "fio ended before the load was up"; }
+        [ "$(now)" -lt "$end" ] || fail "fio did not complete 2000 writes within 60s"
+        sleep 0.1
+    done
+    note "under load ($(awk '{print $5}' "/sys/block/$disk/stat") writes done); SIGTERM to the daemon"
+    kill -TERM "$dpid"
+    t0=$(now)
+    wait_gone "$dpid" 60 || { show_tail /tmp/daemon.sl.err; fail "daemon did not exit within 60s of SIGTERM under load"; }
+    wait "$dpid"
+    rc=$?
+    note "daemon exited $rc after $(($(now) - t0))s"
+    [ "$rc" = 0 ] || { show_tail /tmp/daemon.sl.err; fail "daemon exited $rc after SIGTERM under load (want 0)"; }
+    assert_no_leftovers sl
+    [ -z "$(vdpa dev show 2>/dev/null)" ] || fail "vdpa dev show still lists: $(vdpa dev show)"
+    wait_gone "$fpid" 60 || fail "fio hangs: still running 60s after the device went away"
+    wait "$fpid"
+    note "fio exited $? (errors are expected)"
+    [ ! -e "$DEV" ] || [ ! -e "/sys/block/$disk" ] || fail "$DEV still exists"
+    rm -f /tmp/sl.img
+}
+
+# bad_row KEYWORD NAME CMD...: CMD must fail, its stderr must contain KEYWORD
+# (case-insensitive), and no device NAME may be left behind.
+bad_row() {
+    _kw=$1 _nm=$2
+    shift 2
+    bounded 30 /tmp/bi.out /tmp/bi.err "$@"
+    _show=$(echo "$*" | cut -c1-80)
+    if [ "$RC" = 0 ]; then
+        stop_row_daemon "$_nm"
+        fail "'$_show' exited 0 (want failure with '$_kw')"
+    fi
+    grep -qi -- "$_kw" /tmp/bi.err || fail "'$_show': stderr lacks '$_kw': $(head -c 300 /tmp/bi.err)"
+    [ -z "$_nm" ] || assert_no_leftovers "$_nm"
+    note "ok: $_show -> $(head -n 1 /tmp/bi.err | cut -c1-120)"
+}
+
+# a row that wrongly succeeded would serve in the foreground until killed; nothing to do
+stop_row_daemon() { :; }
+
+case_bad_input() {
+    need_daemon
+    mkdir -p /tmp/bi-dir
+    rm -f /tmp/bi-missing.img /tmp/bi-zero.img /tmp/bi-odd.img
+    truncate -s 16M /tmp/bi-ok.img /tmp/bi-ok2.img
+    long=$(printf '%0300d' 0 | tr 0 n)
+    bad_row "does not exist" bi1 vduse-blkd serve /tmp/bi-missing.img --name bi1
+    [ ! -e /tmp/bi-missing.img ] || fail "serve created /tmp/bi-missing.img without --size"
+    bad_row "not a regular file or block device" bi2 vduse-blkd serve /tmp/bi-dir --name bi2
+    bad_row "must not be zero" bi3 vduse-blkd serve /tmp/bi-zero.img --name bi3 --size 0
+    [ ! -e /tmp/bi-zero.img ] || fail "serve created /tmp/bi-zero.img for --size 0"
+    bad_row "multiple of" bi4 vduse-blkd serve /tmp/bi-odd.img --name bi4 --size 1000
+    [ ! -e /tmp/bi-odd.img ] || fail "serve created /tmp/bi-odd.img for --size 1000"
+    bad_row "empty" "" vduse-blkd serve /tmp/bi-ok.img --name ''
+    bad_row "too long" "$long" vduse-blkd serve /tmp/bi-ok.img --name "$long"
+    bad_row "reserved" vq0 vduse-blkd serve /tmp/bi-ok.img --name vq0
+    # (/dev/vduse/control is the kernel's own node: no leftover check by name here)
+    bad_row "reserved" "" vduse-blkd serve /tmp/bi-ok.img --name control
+    ! vdpa dev show 2>/dev/null | grep -q '^control:' || fail "a vdpa device 'control' was left behind"
+    bad_row "power of two" bi10 vduse-blkd serve /tmp/bi-ok.img --name bi10 --queue-size 100
+    bad_row "too large" bi11 vduse-blkd serve /tmp/bi-ok.img --name bi11 --queue-size 65536
+    bad_row "too many queues" bi12 vduse-blkd serve /tmp/bi-ok.img --name bi12 --queues 1000
+    bad_row "512 or 4096" bi13 vduse-blkd serve /tmp/bi-ok.img --name bi13 --block-size 1024
+    chown 65534:65534 /tmp/bi-ok2.img
+    bad_row "permission denied" bi14 /usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups \
+        vduse-blkd serve /tmp/bi-ok2.img --name bi14
+    # a name in use by a running daemon
+    start_daemon busy /tmp/bi-ok.img
+    bounded 30 /tmp/bi.out /tmp/bi.err vduse-blkd serve /tmp/bi-ok2.img --name busy
+    [ "$RC" != 0 ] || fail "a second daemon with the name 'busy' exited 0"
+    grep -qi "already exists" /tmp/bi.err || fail "name in use: stderr lacks 'already exists': $(head -c 300 /tmp/bi.err)"
+    [ -b "$DEV" ] || fail "the first daemon's $DEV vanished after the clash"
+    stop_daemon busy
+    rm -rf /tmp/bi-dir /tmp/bi-ok.img /tmp/bi-ok2.img
+}
+
+case_list_del() {
+    need_daemon
+    truncate -s 16M /tmp/ld.img
+    start_daemon ld0 /tmp/ld.img
+    bounded 30 /tmp/ld.out /tmp/ld.err vduse-blkd list
+    [ "$RC" = 0 ] || fail "list exited $RC: $(head -c 200 /tmp/ld.err)"
+    grep -q -w ld0 /tmp/ld.out || fail "list does not show ld0: $(head -c 300 /tmp/ld.out)"
+    bounded 30 /tmp/ld.out /tmp/ld.err vduse-blkd del nosuchdev
+    [ "$RC" != 0 ] || fail "del of a device that does not exist exited 0"
+    { grep -q nosuchdev /tmp/ld.err && grep -qi -E 'not found|no such|does not exist|unknown|no [a-z ]*device' /tmp/ld.err; } ||
+        fail "del nosuchdev: unclear message: $(head -c 300 /tmp/ld.err)"
+    stop_daemon ld0
+    bounded 30 /tmp/ld.out /tmp/ld.err vduse-blkd list
+    [ "$RC" = 0 ] || fail "list exited $RC after stop"
+    ! grep -q -w ld0 /tmp/ld.out || fail "list still shows ld0 after the daemon stopped"
+    rm -f /tmp/ld.img
+}
+
+if [ "${1:-}" = --case ]; then
+    "$2"
+    exit $?
+fi
+
+note "suite on $(uname -r), backend $VM_BACKEND, $(vduse-blkd --version 2>/dev/null || echo 'no vduse-blkd')"
+want() { [ -z "${VM_CASES:-}" ] || case " $VM_CASES " in *" $1 "*) ;; *) return 1 ;; esac; }
+# missing-module runs before the VDUSE modules are loaded
+want missing-module && run_case missing-module 60 case_missing_module
+load_vduse_modules || echo "RESULT FAIL load-modules: could not load vduse/virtio_vdpa/vhost_vdpa"
+want probe && run_case probe 60 case_probe
+want bad-input && run_case bad-input 240 case_bad_input
+want list-del && run_case list-del 90 case_list_del
+want readonly && run_case readonly 90 case_readonly
+want discard-zeroes && run_case discard-zeroes 120 case_discard_zeroes
+want ext4 && run_case ext4 180 case_ext4
+want fio-verify && run_case fio-verify 300 case_fio_verify
+want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
+exit 0
