@@ -13,10 +13,11 @@
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod control;
 pub mod blk;
 pub mod cli;
+pub mod control;
 pub mod memory;
 pub mod metrics;
+pub mod sim;
 pub mod uapi;
 pub mod worker;

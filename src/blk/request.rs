@@ -3,9 +3,10 @@
 //! The chain arrives as a list of [`Segment`]s (IOVA, length, device-writable?) in chain order,
 //! indirect tables already expanded. The layout rule follows the virtio 1.x spec ("the device
 //! MUST NOT make assumptions about the particular arrangement of descriptors"): the request
-//! header is the first 16 device-readable bytes, the status is the last device-writable byte,
-//! and the data is what lies between. Device-readable descriptors after a device-writable one
-//! make the request malformed.
+//! header is the first 16 device-readable bytes, the status is the last byte of the chain
+//! (which must be device-writable), and the data is what lies between. Device-readable
+//! descriptors after a device-writable one make the request malformed; if the chain ends in
+//! one, it has no status byte at all.
 //!
 //! Every outcome is decided here, before any I/O: a [`Request`] ready to execute, or a
 //! [`RequestError`] whose [`RequestError::status`] is the byte the driver will see.
@@ -95,7 +96,8 @@ pub struct Request {
     pub data_len: u64,
     /// Ranges of a DISCARD or WRITE_ZEROES request.
     pub dwz: Vec<DwzSegment>,
-    /// IOVA of the status byte, when the chain has one (its last device-writable byte).
+    /// IOVA of the status byte, when the chain has one (the last byte of its last descriptor,
+    /// if that descriptor is device-writable and not empty).
     pub status_addr: Option<u64>,
 }
 
@@ -249,8 +251,10 @@ pub fn parse_request(
 
     let n_read = segs.iter().take_while(|s| !s.write).count();
     let (readable, writable) = segs.split_at(n_read);
+    // The status byte must be device-writable: a chain that ends in a device-readable
+    // descriptor has none (never write into memory the driver lent us to read).
     if let Some(last) = writable.last() {
-        if last.len > 0 {
+        if last.write && last.len > 0 {
             req.status_addr = last.addr.checked_add(u64::from(last.len) - 1);
         }
     }
@@ -552,7 +556,9 @@ mod tests {
         for (segs, want) in cases {
             let (r, res) = parse(&segs, &mut m, &LIM);
             assert_eq!(res, Err(want), "{segs:?}");
-            if want != RequestError::ReadableAfterWritable {
+            if want == RequestError::ReadableAfterWritable {
+                assert_eq!(r.status_addr, None, "status must not be a readable byte");
+            } else {
                 assert_eq!(r.status_addr, Some(0x3000));
             }
         }

@@ -14,7 +14,7 @@
 //! rest of this module is the same code in both.
 //!
 //! `user_data` keyspace: the low 16 bits are the slot (the chain's head index, dense and
-//! `< queue size`), bits 16..24 the operation kind ([`Op`]), bits 24..40 the DISCARD /
+//! `< queue size`), bits 16..24 the operation kind (`Op`), bits 24..40 the DISCARD /
 //! WRITE_ZEROES segment index. [`KICK_TOKEN`] and [`STOP_TOKEN`] have bit 63 set, which no
 //! request token has.
 //!
@@ -319,6 +319,8 @@ fn thread_setup(opts: &WorkerOptions, index: u16) {
 #[derive(Default)]
 struct Slot {
     busy: bool,
+    /// Worst-case SQEs reserved for this request.
+    reserved: usize,
     pending: u32,
     failed: bool,
     kind: RequestKind,
@@ -364,6 +366,8 @@ struct Worker<E: QueueEdge> {
     limits: DeviceLimits,
     slots: Vec<Slot>,
     ops_in_flight: usize,
+    /// Worst-case SQEs of every admitted request (WRITE_ZEROES fallbacks double a range).
+    reserved_ops: usize,
     op_capacity: usize,
     segs: Vec<Segment>,
     req: Request,
@@ -474,6 +478,7 @@ impl<E: QueueEdge> Worker<E> {
             limits,
             slots,
             ops_in_flight: 0,
+            reserved_ops: 0,
             op_capacity: cq,
             segs: Vec::new(),
             req: Request::default(),
@@ -655,7 +660,7 @@ impl<E: QueueEdge> Worker<E> {
                 return;
             }
             loop {
-                if self.ops_in_flight + MAX_OPS_PER_REQUEST + ARMED_READS > self.op_capacity {
+                if self.reserved_ops + MAX_OPS_PER_REQUEST + ARMED_READS > self.op_capacity {
                     self.throttled = true;
                     break;
                 }
@@ -690,6 +695,13 @@ impl<E: QueueEdge> Worker<E> {
 
     fn start_request(&mut self, head: u16) {
         let started = Instant::now();
+        // A head still in flight is a duplicate whatever its chain looks like now: check
+        // before walking, so that no path below can publish a used entry for it.
+        // (An out-of-range head has no slot; the walk reports it.)
+        if self.slots.get(usize::from(head)).is_some_and(|s| s.busy) {
+            self.mark_broken(format!("head {head} posted again while in flight"));
+            return;
+        }
         let walked = {
             let mut view = MemView {
                 space: &mut self.space,
@@ -717,11 +729,6 @@ impl<E: QueueEdge> Worker<E> {
                 return;
             }
         }
-        let slot = &mut self.slots[usize::from(head)];
-        if slot.busy {
-            self.mark_broken(format!("head {head} posted again while in flight"));
-            return;
-        }
         let parsed = {
             let mut view = MemView {
                 space: &mut self.space,
@@ -729,7 +736,26 @@ impl<E: QueueEdge> Worker<E> {
             };
             parse_request(&self.segs, &mut view, &self.limits, &mut self.req)
         };
+        // Without a writable status byte the driver could not learn the outcome: do no I/O.
+        let answerable = match self.req.status_addr {
+            Some(addr) => self.space.ensure(&mut self.edge, addr, 1, true).is_ok(),
+            None => false,
+        };
+        if !answerable {
+            debug!("queue {}: head {head}: no writable status byte", self.index);
+            self.stats.unanswerable += 1;
+            self.publish(head, 0);
+            return;
+        }
+        let worst = match (&parsed, self.req.kind) {
+            (Err(_), _) | (_, RequestKind::GetId) => 0,
+            (_, RequestKind::Read | RequestKind::Write | RequestKind::Flush) => 1,
+            (_, RequestKind::Discard) => self.req.dwz.len(),
+            (_, RequestKind::WriteZeroes) => 2 * self.req.dwz.len(),
+        };
+        self.reserved_ops += worst;
         let slot = &mut self.slots[usize::from(head)];
+        slot.reserved = worst;
         slot.busy = true;
         slot.pending = 0;
         slot.failed = false;
@@ -956,6 +982,7 @@ impl<E: QueueEdge> Worker<E> {
         let idx = usize::from(head);
         let slot = &mut self.slots[idx];
         slot.busy = false;
+        self.reserved_ops -= std::mem::take(&mut slot.reserved);
         let kind = slot.kind;
         let data_len = slot.data_len;
         let status_addr = slot.status_addr;

@@ -1,0 +1,79 @@
+//! Helpers shared by the simulator-driven test suites.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use vduse_blkd::sim::blk::{BlkRequest, S_OK};
+use vduse_blkd::sim::{Chain, Completion, SimDevice, SimDeviceConfig, SimRng};
+use vduse_blkd::worker::{WorkerError, WorkerExit};
+
+/// Generous: requests complete in microseconds; this only bounds a hang.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A 1 MiB device with one queue of `queue_size`.
+pub fn device(queue_size: u16, event_idx: bool) -> SimDevice {
+    let mut cfg = SimDeviceConfig::new(1 << 20);
+    cfg.queue_size = queue_size;
+    cfg.event_idx = event_idx;
+    SimDevice::new(cfg).expect("simulated device")
+}
+
+/// Submit one chain on queue `q` and wait for its single completion.
+pub fn run(dev: &mut SimDevice, q: usize, chain: Chain) -> Completion {
+    let c = dev.queues[q].run(chain, TIMEOUT).expect("completion");
+    assert!(c.tracked, "used entry for a head not in flight: {c:?}");
+    c
+}
+
+/// Build a request's chain in the device's heap.
+pub fn chain(dev: &SimDevice, r: &BlkRequest) -> Chain {
+    r.chain(&dev.mem).expect("chain")
+}
+
+/// Submit a request and wait for it.
+pub fn run_req(dev: &mut SimDevice, q: usize, r: BlkRequest) -> Completion {
+    let c = chain(dev, &r);
+    run(dev, q, c)
+}
+
+/// Deterministic pattern for `len` bytes from `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    SimRng::new(seed).fill(&mut v);
+    v
+}
+
+/// The worker of queue `q` still serves: a write then a read of a fresh pattern at `sector`,
+/// checked against the backing file too.
+pub fn assert_serves(dev: &mut SimDevice, q: usize, sector: u64) {
+    let data = pattern(sector ^ 0x5eed, 4096);
+    let c = run_req(dev, q, BlkRequest::write(sector, &data));
+    assert_eq!((c.status, c.len), (Some(S_OK), 1), "follow-up write");
+    let c = run_req(dev, q, BlkRequest::read(sector, 4096));
+    assert_eq!((c.status, c.len), (Some(S_OK), 4097), "follow-up read");
+    assert!(c.data == data, "follow-up read returned other data");
+    assert_eq!(dev.backing_read(sector * 512, 4096).unwrap(), data);
+}
+
+/// Stop every worker; each must end cleanly. Returns the exits.
+pub fn shutdown_clean(dev: SimDevice) -> Vec<WorkerExit> {
+    dev.shutdown()
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("worker did not stop cleanly: {e:?}")))
+        .collect()
+}
+
+/// Wait for the worker of queue `q` to stop on its own with `WorkerError::Broken` whose
+/// reason contains `why`.
+pub fn assert_broken(dev: &mut SimDevice, q: usize, why: &str) {
+    match dev.wait_exit(q, TIMEOUT).expect("worker ends on its own") {
+        Err(WorkerError::Broken { reason, .. }) => {
+            assert!(
+                reason.contains(why),
+                "broken for {reason:?}, expected {why:?}"
+            )
+        }
+        Err(e) => panic!("worker failed other than Broken: {e:?}"),
+        Ok(x) => panic!("worker exited cleanly ({x:?}), expected Broken"),
+    }
+}

@@ -1,0 +1,1379 @@
+//! A hostile driver against the production queue worker.
+//!
+//! Policy under test (src/worker/chain.rs `ChainError::corrupts_ring`, src/blk/request.rs):
+//! structural corruption of the ring (descriptor loops, out-of-range indices, nested or badly
+//! sized indirect tables, an avail index jump, a head posted twice while in flight) stops the
+//! worker with `WorkerError::Broken`; anything else is one bad request, answered with a status
+//! byte (IOERR or UNSUPP) or, when the chain has no usable status byte, with a used entry of
+//! length 0, after which the worker keeps serving. Every test asserts the exact outcome, and
+//! where the ring is intact, that the next valid request is served with the right data.
+
+mod common;
+
+use common::*;
+use vduse_blkd::sim::blk::{
+    header, BlkRequest, ChainBuilder, DwzSeg, POISON, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH,
+    T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, WZ_FLAG_UNMAP,
+};
+use vduse_blkd::sim::device::FREE_IOVA;
+use vduse_blkd::sim::memory::{PROT_NONE, PROT_RO, PROT_RW};
+use vduse_blkd::sim::queue::{Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use vduse_blkd::sim::{Chain, Completion, Indirect, Posted, SimDevice, SimDeviceConfig};
+
+const MIB: u64 = 1 << 20;
+const CAP: u64 = MIB;
+
+/// What the driver must see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// A used entry of length 1 (status only) with this status byte.
+    Status(u8),
+    /// A used entry of length 0: the chain had no status byte the device could write.
+    NoStatus,
+}
+
+fn dev() -> SimDevice {
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.fill_seed = Some(0xbad);
+    cfg.queue_size = 256;
+    SimDevice::new(cfg).expect("device")
+}
+
+/// Submit `chain` on queue 0 and check the used entry's head and the exact outcome.
+fn expect(dev: &mut SimDevice, chain: Chain, want: Outcome) -> Completion {
+    let q = &mut dev.queues[0];
+    let head = q.submit(chain).expect("submit");
+    let mut done = q.wait_used(1, TIMEOUT).expect("used entry");
+    assert_eq!(done.len(), 1, "exactly one used entry");
+    let c = done.remove(0);
+    assert!(
+        c.tracked && c.head == u32::from(head),
+        "used id {} for head {head}",
+        c.head
+    );
+    match want {
+        Outcome::Status(s) => assert_eq!((c.status, c.len), (Some(s), 1), "{want:?}"),
+        Outcome::NoStatus => assert_eq!(c.len, 0, "{want:?}: used len"),
+    }
+    c
+}
+
+/// `expect` on a request built from content.
+fn expect_req(dev: &mut SimDevice, r: BlkRequest, want: Outcome) -> Completion {
+    let c = chain(dev, &r);
+    expect(dev, c, want)
+}
+
+/// The worker ends on its own with `Broken` naming `why`, and publishes nothing more.
+fn expect_broken(dev: &mut SimDevice, why: &str) {
+    assert_broken(dev, 0, why);
+    let late = dev.queues[0].reap().unwrap();
+    assert!(
+        late.is_empty(),
+        "used entries after the ring broke: {late:?}"
+    );
+}
+
+/// Post a raw head (tracked with no buffers to free), publish, kick.
+fn post_head(dev: &mut SimDevice, head: u16, descs: Vec<u16>) {
+    let q = &mut dev.queues[0];
+    q.add_head(
+        head,
+        Some(Posted {
+            descs,
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    q.publish().unwrap();
+    q.kick().unwrap();
+}
+
+fn builder(dev: &SimDevice) -> ChainBuilder<'_> {
+    ChainBuilder::new(&dev.mem)
+}
+
+fn finish(dev: SimDevice) {
+    let exits = shutdown_clean(dev);
+    assert!(exits[0].next_avail == exits[0].next_used);
+}
+
+// ---------------------------------------------------------------------------------------
+// The header
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn header_too_short_is_ioerr() {
+    let mut d = dev();
+    let c = builder(&d)
+        .readable(&header(T_IN, 0)[..15])
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    // No readable descriptor at all.
+    let c = builder(&d).writable(1).unwrap().build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn header_split_oddly_across_descriptors_is_served() {
+    let mut d = dev();
+    // 7-byte pieces: the header spans three descriptors, the last shared with data.
+    let data = pattern(1, 1024);
+    let c = expect_req(
+        &mut d,
+        BlkRequest::write(16, &data).out_chunk(7),
+        Outcome::Status(S_OK),
+    );
+    assert_eq!(c.len, 1);
+    assert_eq!(d.backing_read(16 * 512, 1024).unwrap(), data);
+    // One byte per descriptor, then the data.
+    let mut b = builder(&d);
+    for byte in header(T_IN, 16) {
+        b = b.readable(&[byte]).unwrap();
+    }
+    let c = b.writable(1024).unwrap().writable(1).unwrap().build();
+    d.queues[0].submit(c).unwrap();
+    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
+    assert_eq!((c.status, c.len), (Some(S_OK), 1025));
+    assert_eq!(c.data, data);
+    finish(d);
+}
+
+#[test]
+fn header_in_a_device_writable_descriptor_is_ioerr() {
+    let mut d = dev();
+    let mut b = builder(&d).writable(16).unwrap();
+    let hdr_addr = b.chain_mut().descs[0].addr;
+    d.mem.write(hdr_addr, &header(T_IN, 0)).unwrap();
+    let c = b.writable(512).unwrap().writable(1).unwrap().build();
+    let c = expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert!(
+        c.data[16..].iter().all(|&x| x == POISON),
+        "no data was read"
+    );
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn header_at_an_unmapped_iova_is_ioerr() {
+    let mut d = dev();
+    let c = builder(&d)
+        .desc(Desc::readable(FREE_IOVA + 0x10_0000, 16))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+// ---------------------------------------------------------------------------------------
+// The status byte
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn status_descriptor_read_only_gets_no_status() {
+    let mut d = dev();
+    // IN whose last descriptor (the would-be status) is device-readable.
+    let mut b = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .writable(512)
+        .unwrap()
+        .readable(&[POISON])
+        .unwrap();
+    let status_addr = b.chain_mut().descs[2].addr;
+    let c = b.build();
+    let c = expect(&mut d, c, Outcome::NoStatus);
+    assert_eq!(
+        d.mem.read_vec(status_addr, 1).unwrap(),
+        [POISON],
+        "device wrote a readable buffer"
+    );
+    assert!(c.data.iter().all(|&x| x == POISON), "no data was read");
+    // FLUSH whose only status candidate is readable.
+    let c = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .readable(&[POISON])
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::NoStatus);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn readable_descriptor_after_the_status_gets_no_status() {
+    let mut d = dev();
+    let mut b = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .readable(&[0x77])
+        .unwrap();
+    let writable = b.chain_mut().descs[1].addr;
+    let tail = b.chain_mut().descs[2].addr;
+    let c = b.build();
+    expect(&mut d, c, Outcome::NoStatus);
+    assert_eq!(d.mem.read_vec(tail, 1).unwrap(), [0x77]);
+    assert_eq!(d.mem.read_vec(writable, 1).unwrap(), [POISON]);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn status_descriptor_zero_length_gets_used_len_zero() {
+    let mut d = dev();
+    let c = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .desc(Desc::writable(0, 0))
+        .build();
+    expect(&mut d, c, Outcome::NoStatus);
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .writable(512)
+        .unwrap()
+        .desc(Desc::writable(0, 0))
+        .build();
+    expect(&mut d, c, Outcome::NoStatus);
+    // A write with nowhere to report its outcome must not reach the backing file.
+    let before = d.backing_read(4096, 512).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_OUT, 8))
+        .unwrap()
+        .readable(&[0xa5; 512])
+        .unwrap()
+        .desc(Desc::writable(0, 0))
+        .build();
+    expect(&mut d, c, Outcome::NoStatus);
+    assert_eq!(
+        d.backing_read(4096, 512).unwrap(),
+        before,
+        "unanswerable write was executed"
+    );
+    assert_serves(&mut d, 0, 16);
+    let exits = shutdown_clean(d);
+    assert_eq!(exits[0].stats.unanswerable, 3);
+    assert_eq!(exits[0].stats.writes, 1, "only assert_serves's write ran");
+}
+
+#[test]
+fn status_byte_in_read_only_memory_gets_used_len_zero() {
+    let mut d = dev();
+    d.mem.add_region(FREE_IOVA, 4096, PROT_RO).unwrap();
+    d.mem.write(FREE_IOVA, &[POISON]).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .desc(Desc::writable(FREE_IOVA, 1))
+        .build();
+    let c = expect(&mut d, c, Outcome::NoStatus);
+    assert_eq!(c.status, Some(POISON), "read-only memory changed");
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn status_byte_outside_every_region_gets_used_len_zero() {
+    let mut d = dev();
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .writable(512)
+        .unwrap()
+        .desc(Desc::writable(FREE_IOVA + 0x1234, 1))
+        .build();
+    expect(&mut d, c, Outcome::NoStatus);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+// ---------------------------------------------------------------------------------------
+// Direction, range and size of the data
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn in_with_device_readable_data_is_ioerr() {
+    let mut d = dev();
+    let before = d.backing_read(0, 4096).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .readable(&[1u8; 512])
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn out_with_device_writable_data_is_ioerr() {
+    let mut d = dev();
+    let before = d.backing_read(0, 4096).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_OUT, 0))
+        .unwrap()
+        .writable(512)
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .build();
+    let c = expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert!(c.data.iter().all(|&x| x == POISON));
+    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn flush_or_get_id_with_wrong_data_is_ioerr() {
+    let mut d = dev();
+    let c = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .readable(&[0u8; 512])
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let c = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .writable(512)
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let c = builder(&d)
+        .readable(&header(T_GET_ID, 0))
+        .unwrap()
+        .readable(&[0u8; 20])
+        .unwrap()
+        .writable(20)
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn sector_past_capacity_is_ioerr() {
+    let mut d = dev();
+    let last = CAP / 512;
+    let before = d.backing_read(CAP - 4096, 4096).unwrap();
+    expect_req(
+        &mut d,
+        BlkRequest::read(last, 512),
+        Outcome::Status(S_IOERR),
+    );
+    expect_req(
+        &mut d,
+        BlkRequest::read(last - 1, 1024),
+        Outcome::Status(S_IOERR),
+    );
+    expect_req(
+        &mut d,
+        BlkRequest::read(u64::MAX / 512, 512),
+        Outcome::Status(S_IOERR),
+    );
+    expect_req(
+        &mut d,
+        BlkRequest::write(last, &[1; 512]),
+        Outcome::Status(S_IOERR),
+    );
+    expect_req(
+        &mut d,
+        BlkRequest::write(last - 1, &[1; 1024]),
+        Outcome::Status(S_IOERR),
+    );
+    assert_eq!(d.backing_read(CAP - 4096, 4096).unwrap(), before);
+    // Exactly up to the end is fine.
+    expect_req_ok(&mut d, BlkRequest::read(last - 2, 1024));
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn sector_times_512_plus_length_overflowing_u64_is_ioerr() {
+    let mut d = dev();
+    // sector * 512 overflows.
+    expect_req(
+        &mut d,
+        BlkRequest::read(u64::MAX / 256, 512),
+        Outcome::Status(S_IOERR),
+    );
+    expect_req(
+        &mut d,
+        BlkRequest::write(1 << 55, &[1; 512]),
+        Outcome::Status(S_IOERR),
+    );
+    // sector * 512 fits, + length overflows.
+    let s = u64::MAX / 512;
+    expect_req(&mut d, BlkRequest::read(s, 4096), Outcome::Status(S_IOERR));
+    let segs = [DwzSeg {
+        sector: s,
+        num_sectors: 8,
+        flags: 0,
+    }];
+    expect_req(
+        &mut d,
+        BlkRequest::write_zeroes(&segs),
+        Outcome::Status(S_IOERR),
+    );
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn length_not_a_multiple_of_512_is_ioerr() {
+    let mut d = dev();
+    let before = d.backing_read(0, 4096).unwrap();
+    let c = expect_req(&mut d, BlkRequest::read(0, 100), Outcome::Status(S_IOERR));
+    assert!(c.data.iter().all(|&x| x == POISON));
+    expect_req(&mut d, BlkRequest::read(0, 513), Outcome::Status(S_IOERR));
+    expect_req(
+        &mut d,
+        BlkRequest::write(0, &[3; 513]),
+        Outcome::Status(S_IOERR),
+    );
+    expect_req(
+        &mut d,
+        BlkRequest::write(0, &[3; 1]),
+        Outcome::Status(S_IOERR),
+    );
+    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn unknown_request_type_is_unsupp() {
+    let mut d = dev();
+    for t in [2u32, 3, 5, 9, 12, 99, u32::MAX] {
+        expect_req(&mut d, BlkRequest::new(t, 0), Outcome::Status(S_UNSUPP));
+    }
+    // With data attached, still UNSUPP.
+    let mut r = BlkRequest::new(99, 0);
+    r.in_len = 512;
+    expect_req(&mut d, r, Outcome::Status(S_UNSUPP));
+    assert_serves(&mut d, 0, 8);
+    let exits = shutdown_clean(d);
+    assert_eq!(exits[0].stats.errors, 8);
+}
+
+#[test]
+fn zero_length_descriptors_are_skipped() {
+    let mut d = dev();
+    let data = pattern(2, 1024);
+    let mut b = builder(&d)
+        .desc(Desc::readable(0, 0))
+        .readable(&header(T_OUT, 4))
+        .unwrap()
+        .desc(Desc::readable(0, 0))
+        .readable(&data[..512])
+        .unwrap()
+        .desc(Desc::readable(FREE_IOVA, 0))
+        .readable(&data[512..])
+        .unwrap();
+    b = b.desc(Desc::writable(0, 0)).writable(1).unwrap();
+    let c = b.build();
+    expect(&mut d, c, Outcome::Status(S_OK));
+    assert_eq!(d.backing_read(4 * 512, 1024).unwrap(), data);
+    let c = builder(&d)
+        .readable(&header(T_IN, 4))
+        .unwrap()
+        .desc(Desc::writable(0, 0))
+        .writable(1024)
+        .unwrap()
+        .desc(Desc::writable(FREE_IOVA, 0))
+        .writable(1)
+        .unwrap()
+        .build();
+    d.queues[0].submit(c).unwrap();
+    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
+    assert_eq!((c.status, c.len), (Some(S_OK), 1025));
+    assert_eq!(c.data, data);
+    finish(d);
+}
+
+#[test]
+fn four_gib_descriptors_are_refused_without_touching_anything() {
+    // 8 GiB sparse device, so capacity is not what refuses a 4 GiB transfer.
+    let mut cfg = SimDeviceConfig::new(8 << 30);
+    cfg.queue_size = 16;
+    let mut d = SimDevice::new(cfg).unwrap();
+    d.mem.add_region(FREE_IOVA, 64 << 10, PROT_RW).unwrap();
+    d.mem.fill(FREE_IOVA, 64 << 10, POISON).unwrap();
+    // IN into len = u32::MAX: not a multiple of 512.
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .desc(Desc::writable(FREE_IOVA, u32::MAX))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    // IN and OUT of 4 GiB - 512 whose buffer is mapped for its first 64 KiB only.
+    let big = u32::MAX - 511;
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .desc(Desc::writable(FREE_IOVA, big))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert!(d
+        .mem
+        .read_vec(FREE_IOVA, 64 << 10)
+        .unwrap()
+        .iter()
+        .all(|&x| x == POISON));
+    let c = builder(&d)
+        .readable(&header(T_OUT, 0))
+        .unwrap()
+        .desc(Desc::readable(FREE_IOVA, big))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert!(d.is_hole(0, 8 << 30).unwrap(), "nothing was written");
+    // A FLUSH whose header descriptor is 4 GiB long: data where none is allowed.
+    let c = builder(&d)
+        .desc(Desc::readable(FREE_IOVA, u32::MAX))
+        .writable(1)
+        .unwrap()
+        .build();
+    d.mem.write(FREE_IOVA, &header(T_FLUSH, 0)).unwrap();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn too_many_data_segments_is_ioerr() {
+    let mut d = dev();
+    let before = d.backing_read(0, 1025 * 512).unwrap();
+    // 1025 segments is one more than a readv takes (IOV_MAX).
+    let r = BlkRequest::read(0, 1025 * 512).in_chunk(512).indirect(true);
+    let c = expect_req(&mut d, r, Outcome::Status(S_IOERR));
+    assert!(c.data.iter().all(|&x| x == POISON));
+    let data = pattern(3, 1025 * 512);
+    let r = BlkRequest::write(0, &data).out_chunk(512).indirect(true);
+    expect_req(&mut d, r, Outcome::Status(S_IOERR));
+    assert!(d.backing_read(0, 1025 * 512).unwrap() == before);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+// ---------------------------------------------------------------------------------------
+// DISCARD, WRITE_ZEROES, GET_ID
+// ---------------------------------------------------------------------------------------
+
+fn dwz(t: u32, payload: &[u8]) -> BlkRequest {
+    let mut r = BlkRequest::new(t, 0);
+    r.out = payload.to_vec();
+    r
+}
+
+fn seg(sector: u64, num_sectors: u32, flags: u32) -> DwzSeg {
+    DwzSeg {
+        sector,
+        num_sectors,
+        flags,
+    }
+}
+
+#[test]
+fn dwz_bad_segment_count_is_ioerr() {
+    let mut d = dev();
+    let before = d.backing_read(0, CAP as usize).unwrap();
+    let one = DwzSeg::payload(&[seg(0, 8, 0)]);
+    let seventeen = DwzSeg::payload(&vec![seg(0, 8, 0); 17]);
+    for t in [T_DISCARD, T_WRITE_ZEROES] {
+        expect_req(&mut d, dwz(t, &[]), Outcome::Status(S_IOERR));
+        expect_req(&mut d, dwz(t, &one[..8]), Outcome::Status(S_IOERR));
+        let mut partial = one.clone();
+        partial.extend_from_slice(&one[..8]);
+        expect_req(&mut d, dwz(t, &partial), Outcome::Status(S_IOERR));
+        expect_req(&mut d, dwz(t, &seventeen), Outcome::Status(S_IOERR));
+    }
+    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn dwz_bad_flags_are_unsupp() {
+    let mut d = dev();
+    let before = d.backing_read(0, CAP as usize).unwrap();
+    // UNMAP is a WRITE_ZEROES flag only; any reserved bit is refused for both.
+    let cases = [
+        (T_DISCARD, WZ_FLAG_UNMAP),
+        (T_DISCARD, 2),
+        (T_WRITE_ZEROES, 2),
+        (T_WRITE_ZEROES, WZ_FLAG_UNMAP | 0x8000_0000),
+    ];
+    for (t, flags) in cases {
+        // The bad flags sit in the second of two segments: nothing at all may be done.
+        let payload = DwzSeg::payload(&[seg(0, 8, 0), seg(64, 8, flags)]);
+        expect_req(&mut d, dwz(t, &payload), Outcome::Status(S_UNSUPP));
+    }
+    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn dwz_range_past_capacity_or_empty_is_ioerr() {
+    let mut d = dev();
+    let before = d.backing_read(0, CAP as usize).unwrap();
+    let last = CAP / 512;
+    for t in [T_DISCARD, T_WRITE_ZEROES] {
+        for bad in [
+            seg(last, 1, 0),
+            seg(last - 4, 8, 0),
+            seg(0, 0, 0),
+            seg(0, u32::MAX, 0),
+        ] {
+            let payload = DwzSeg::payload(&[seg(0, 8, 0), bad]);
+            expect_req(&mut d, dwz(t, &payload), Outcome::Status(S_IOERR));
+        }
+    }
+    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn get_id_with_a_short_buffer_is_ioerr() {
+    let mut d = dev();
+    let mut r = BlkRequest::get_id();
+    r.in_len = 19;
+    let c = expect_req(&mut d, r, Outcome::Status(S_IOERR));
+    assert!(c.data.iter().all(|&x| x == POISON), "nothing written");
+    // No buffer at all.
+    expect_req(
+        &mut d,
+        BlkRequest::new(T_GET_ID, 0),
+        Outcome::Status(S_IOERR),
+    );
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn get_id_into_read_only_memory_is_ioerr() {
+    let mut d = dev();
+    d.mem.add_region(FREE_IOVA, 4096, PROT_RO).unwrap();
+    d.mem.fill(FREE_IOVA, 20, POISON).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_GET_ID, 0))
+        .unwrap()
+        .desc(Desc::writable(FREE_IOVA, 20))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_eq!(d.mem.read_vec(FREE_IOVA, 20).unwrap(), vec![POISON; 20]);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn writes_to_a_read_only_device_are_ioerr() {
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.read_only = true;
+    cfg.fill_seed = Some(77);
+    let mut d = SimDevice::new(cfg).unwrap();
+    let before = d.backing_read(0, CAP as usize).unwrap();
+    let blocks = d.allocated_blocks().unwrap();
+    expect_req(
+        &mut d,
+        BlkRequest::write(0, &[1; 4096]),
+        Outcome::Status(S_IOERR),
+    );
+    expect_req(
+        &mut d,
+        BlkRequest::discard(&[seg(0, 128, 0)]),
+        Outcome::Status(S_IOERR),
+    );
+    expect_req(
+        &mut d,
+        BlkRequest::write_zeroes(&[seg(0, 128, 0)]),
+        Outcome::Status(S_IOERR),
+    );
+    let unmap = [seg(0, 128, WZ_FLAG_UNMAP)];
+    expect_req(
+        &mut d,
+        BlkRequest::write_zeroes(&unmap),
+        Outcome::Status(S_IOERR),
+    );
+    assert!(
+        d.backing_read(0, CAP as usize).unwrap() == before,
+        "backing file changed"
+    );
+    assert_eq!(d.allocated_blocks().unwrap(), blocks);
+    // Reads, FLUSH and GET_ID still work.
+    let c = expect_req_ok(&mut d, BlkRequest::read(0, 4096));
+    assert!(c.data == before[..4096]);
+    expect_req(&mut d, BlkRequest::flush(), Outcome::Status(S_OK));
+    let c = run_req(&mut d, 0, BlkRequest::get_id());
+    assert_eq!((c.status, c.len), (Some(S_OK), 21));
+    let exits = shutdown_clean(d);
+    assert_eq!(exits[0].stats.errors, 4);
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory: unmapped, split across regions, read-only
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn data_outside_every_mapped_region_is_ioerr() {
+    let mut d = dev();
+    let before = d.backing_read(0, 4096).unwrap();
+    let hole = FREE_IOVA + 0x4000_0000;
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .desc(Desc::writable(hole, 4096))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let c = builder(&d)
+        .readable(&header(T_OUT, 0))
+        .unwrap()
+        .desc(Desc::readable(hole, 4096))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    // Partly mapped: the first half in the heap region's last page, the rest past its end.
+    d.mem.add_region(FREE_IOVA, 4096, PROT_RW).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .desc(Desc::writable(FREE_IOVA + 2048, 4096))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
+    // The address space's very end: iova + len wraps.
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .desc(Desc::writable(u64::MAX - 511, 1024))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn a_descriptor_across_a_region_boundary_is_split_and_served() {
+    let mut d = dev();
+    // Map the heap first, so that only the new regions are looked up below.
+    assert_serves(&mut d, 0, 8);
+    // Three adjacent regions A | B | C.
+    let a = FREE_IOVA;
+    let b = FREE_IOVA + 0x1000;
+    let c = FREE_IOVA + 0x2000;
+    for r in [a, b, c] {
+        d.mem.add_region(r, 0x1000, PROT_RW).unwrap();
+    }
+    let lookups = d.mem.lookups();
+    // The header across A | B (8 bytes in each), the data across B | C.
+    d.mem.write(b - 8, &header(T_OUT, 32)).unwrap();
+    let data = pattern(4, 2048);
+    d.mem.write(c - 1024, &data).unwrap();
+    let ch = builder(&d)
+        .desc(Desc::readable(b - 8, 16))
+        .desc(Desc::readable(c - 1024, 2048))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, ch, Outcome::Status(S_OK));
+    assert_eq!(d.backing_read(32 * 512, 2048).unwrap(), data);
+    assert_eq!(d.mem.lookups() - lookups, 3, "each region mapped once");
+    // Read back into a buffer that spans the boundary the other way round.
+    d.mem.fill(b - 512, 2048, POISON).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_IN, 32))
+        .unwrap()
+        .desc(Desc::writable(b - 512, 2048))
+        .writable(1)
+        .unwrap()
+        .build();
+    let c = expect_ok_read(&mut d, c, 2048);
+    assert_eq!(c.data, data);
+    assert_eq!(d.mem.read_vec(b - 512, 2048).unwrap(), data);
+    finish(d);
+}
+
+fn expect_ok_read(d: &mut SimDevice, c: Chain, len: u32) -> Completion {
+    d.queues[0].submit(c).unwrap();
+    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
+    assert_eq!((c.status, c.len), (Some(S_OK), len + 1));
+    c
+}
+
+#[test]
+fn in_buffer_in_read_only_memory_is_ioerr() {
+    let mut d = dev();
+    d.mem.add_region(FREE_IOVA, 0x2000, PROT_RO).unwrap();
+    d.mem.fill(FREE_IOVA, 0x2000, POISON).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_IN, 0))
+        .unwrap()
+        .desc(Desc::writable(FREE_IOVA, 4096))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert!(d
+        .mem
+        .read_vec(FREE_IOVA, 0x2000)
+        .unwrap()
+        .iter()
+        .all(|&x| x == POISON));
+    // The device may read read-only memory: OUT from it works.
+    let data = pattern(5, 4096);
+    d.mem.write(FREE_IOVA, &data).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_OUT, 8))
+        .unwrap()
+        .desc(Desc::readable(FREE_IOVA, 4096))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_OK));
+    assert_eq!(d.backing_read(8 * 512, 4096).unwrap(), data);
+    finish(d);
+}
+
+#[test]
+fn buffers_in_no_access_memory_are_ioerr() {
+    let mut d = dev();
+    d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
+    let before = d.backing_read(0, 4096).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_OUT, 0))
+        .unwrap()
+        .desc(Desc::readable(FREE_IOVA, 4096))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let c = builder(&d)
+        .desc(Desc::readable(FREE_IOVA, 16))
+        .writable(1)
+        .unwrap()
+        .build();
+    expect(&mut d, c, Outcome::Status(S_IOERR));
+    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+// ---------------------------------------------------------------------------------------
+// Indirect tables
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn indirect_table_at_an_unmapped_iova_gets_used_len_zero() {
+    let mut d = dev();
+    let c = builder(&d)
+        .indirect(Indirect::Raw {
+            addr: FREE_IOVA + 0x10_0000,
+            len: 48,
+        })
+        .build();
+    expect(&mut d, c, Outcome::NoStatus);
+    // In no-access memory: the same.
+    d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
+    let c = builder(&d)
+        .indirect(Indirect::Raw {
+            addr: FREE_IOVA,
+            len: 48,
+        })
+        .build();
+    expect(&mut d, c, Outcome::NoStatus);
+    // A write with nowhere to report its outcome must not reach the backing file.
+    let before = d.backing_read(4096, 512).unwrap();
+    let c = builder(&d)
+        .readable(&header(T_OUT, 8))
+        .unwrap()
+        .readable(&[0xa5; 512])
+        .unwrap()
+        .desc(Desc::writable(0, 0))
+        .build();
+    expect(&mut d, c, Outcome::NoStatus);
+    assert_eq!(
+        d.backing_read(4096, 512).unwrap(),
+        before,
+        "unanswerable write was executed"
+    );
+    assert_serves(&mut d, 0, 16);
+    let exits = shutdown_clean(d);
+    assert_eq!(exits[0].stats.unanswerable, 3);
+    assert_eq!(exits[0].stats.writes, 1, "only assert_serves's write ran");
+}
+
+#[test]
+fn indirect_table_with_a_bad_length_breaks_the_device() {
+    for len in [0u32, 24, 17 * 1024 * 1024] {
+        let mut d = dev();
+        let table = d.mem.alloc(64, 16).unwrap();
+        let c = builder(&d)
+            .indirect(Indirect::Raw { addr: table, len })
+            .build();
+        d.queues[0].submit(c).unwrap();
+        expect_broken(&mut d, "indirect table length");
+    }
+}
+
+#[test]
+fn indirect_table_inside_an_indirect_table_breaks_the_device() {
+    let mut d = dev();
+    let inner = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .build();
+    // The outer table's only entry is itself an indirect descriptor.
+    let inner_table = d.mem.alloc(32, 16).unwrap();
+    for (i, x) in inner.descs.iter().enumerate() {
+        let flags = x.flags | if i == 0 { DESC_F_NEXT } else { 0 };
+        d.mem
+            .write(
+                inner_table + 16 * i as u64,
+                &Desc::encode(x.addr, x.len, flags, 1),
+            )
+            .unwrap();
+    }
+    let c = builder(&d)
+        .desc(Desc {
+            addr: inner_table,
+            len: 32,
+            flags: DESC_F_INDIRECT,
+            next: Some(0),
+        })
+        .indirect(Indirect::Table)
+        .build();
+    d.queues[0].submit(c).unwrap();
+    expect_broken(&mut d, "indirect table inside an indirect table");
+}
+
+#[test]
+fn indirect_descriptor_loop_breaks_the_device() {
+    let mut d = dev();
+    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
+    let c = builder(&d)
+        .desc(Desc {
+            addr: h,
+            len: 16,
+            flags: DESC_F_NEXT,
+            next: Some(1),
+        })
+        .desc(Desc {
+            addr: h,
+            len: 16,
+            flags: DESC_F_NEXT,
+            next: Some(0),
+        })
+        .indirect(Indirect::Table)
+        .build();
+    d.queues[0].submit(c).unwrap();
+    expect_broken(&mut d, "loop");
+}
+
+#[test]
+fn indirect_next_index_out_of_range_breaks_the_device() {
+    let mut d = dev();
+    let c = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .indirect(Indirect::Table)
+        .build();
+    let mut c = c;
+    // Two entries; the first names entry 2.
+    c.descs[0].next = Some(2);
+    c.descs[0].flags |= DESC_F_NEXT;
+    d.queues[0].submit(c).unwrap();
+    expect_broken(&mut d, "next index 2");
+}
+
+#[test]
+fn indirect_chain_longer_than_the_queue_is_served() {
+    // The spec forbids chains longer than the queue, but an indirect table is bounded by its
+    // own length; the worker accepts it (as QEMU does), up to IOV_MAX data segments.
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.queue_size = 8;
+    let mut d = SimDevice::new(cfg).unwrap();
+    let data = pattern(6, 32 * 512);
+    let r = BlkRequest::write(0, &data).out_chunk(512).indirect(true);
+    expect_req(&mut d, r, Outcome::Status(S_OK));
+    let r = BlkRequest::read(0, 32 * 512).in_chunk(512).indirect(true);
+    let c = expect_req_ok(&mut d, r);
+    assert_eq!(c.data, data);
+    finish(d);
+}
+
+fn expect_req_ok(d: &mut SimDevice, r: BlkRequest) -> Completion {
+    let c = chain(d, &r);
+    expect_ok_read(d, c, r.in_len)
+}
+
+// ---------------------------------------------------------------------------------------
+// The descriptor table and the avail ring
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn direct_descriptor_loop_breaks_the_device() {
+    let mut d = dev();
+    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
+    let ids = d.queues[0].alloc_descs(2).unwrap();
+    d.queues[0]
+        .write_desc(ids[0], h, 16, DESC_F_NEXT, ids[1])
+        .unwrap();
+    d.queues[0]
+        .write_desc(ids[1], h, 16, DESC_F_NEXT, ids[0])
+        .unwrap();
+    post_head(&mut d, ids[0], ids.clone());
+    expect_broken(&mut d, "loop");
+}
+
+#[test]
+fn descriptor_pointing_at_itself_breaks_the_device() {
+    let mut d = dev();
+    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
+    let ids = d.queues[0].alloc_descs(1).unwrap();
+    d.queues[0]
+        .write_desc(ids[0], h, 16, DESC_F_NEXT, ids[0])
+        .unwrap();
+    post_head(&mut d, ids[0], ids.clone());
+    expect_broken(&mut d, "loop");
+}
+
+#[test]
+fn chain_longer_than_the_queue_breaks_the_device() {
+    // Every descriptor of an 8-entry table in one chain, and then back to the start.
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.queue_size = 8;
+    let mut d = SimDevice::new(cfg).unwrap();
+    let h = d.mem.alloc_bytes(&header(T_OUT, 0)).unwrap();
+    let ids = d.queues[0].alloc_descs(8).unwrap();
+    for i in 0..8 {
+        let next = ids[(i + 1) % 8];
+        d.queues[0]
+            .write_desc(ids[i], h, 16, DESC_F_NEXT, next)
+            .unwrap();
+    }
+    post_head(&mut d, ids[0], ids.clone());
+    expect_broken(&mut d, "loop");
+}
+
+#[test]
+fn chain_exactly_as_long_as_the_queue_is_served() {
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.queue_size = 8;
+    let mut d = SimDevice::new(cfg).unwrap();
+    let data = pattern(7, 3072);
+    let r = BlkRequest::write(2, &data).out_chunk(512);
+    assert_eq!(r.desc_count(), 8);
+    expect_req(&mut d, r, Outcome::Status(S_OK));
+    assert_eq!(d.queues[0].free_descs(), 8);
+    assert_eq!(d.backing_read(1024, 3072).unwrap(), data);
+    finish(d);
+}
+
+#[test]
+fn next_index_out_of_range_breaks_the_device() {
+    let mut d = dev();
+    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
+    let ids = d.queues[0].alloc_descs(1).unwrap();
+    d.queues[0]
+        .write_desc(ids[0], h, 16, DESC_F_NEXT, 256)
+        .unwrap();
+    post_head(&mut d, ids[0], ids.clone());
+    expect_broken(&mut d, "next index 256");
+}
+
+#[test]
+fn head_index_out_of_range_breaks_the_device() {
+    let mut d = dev();
+    let q = &mut d.queues[0];
+    q.add_head(256, None).unwrap();
+    q.publish().unwrap();
+    q.kick().unwrap();
+    expect_broken(&mut d, "head index 256");
+}
+
+#[test]
+fn avail_idx_jumping_by_more_than_the_queue_size_breaks_the_device() {
+    let mut d = dev();
+    assert_serves(&mut d, 0, 8);
+    let q = &mut d.queues[0];
+    let idx = q.avail_idx();
+    q.set_avail_idx_raw(idx.wrapping_add(257)).unwrap();
+    q.kick().unwrap();
+    expect_broken(&mut d, "avail ring");
+}
+
+#[test]
+fn avail_idx_jumping_by_exactly_the_queue_size_is_served() {
+    // A full ring of the same valid head is legal only if it is not in flight; here the
+    // chains are all distinct FLUSH requests, the largest jump a driver may make.
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.queue_size = 4;
+    let mut d = SimDevice::new(cfg).unwrap();
+    for _ in 0..4 {
+        let c = chain(&d, &BlkRequest::flush().indirect(true));
+        d.queues[0].add(c).unwrap();
+    }
+    d.queues[0].publish().unwrap();
+    d.queues[0].kick().unwrap();
+    let done = d.queues[0].wait_used(4, TIMEOUT).unwrap();
+    assert!(done.iter().all(|c| c.status == Some(S_OK) && c.len == 1));
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn same_head_posted_twice_while_in_flight_breaks_the_device() {
+    let mut d = dev();
+    let c = chain(&d, &BlkRequest::read(0, 4096));
+    let q = &mut d.queues[0];
+    let head = q.add(c).unwrap();
+    // The read is submitted to io_uring within the same drain that finds the second copy.
+    q.add_head(head, None).unwrap();
+    q.publish().unwrap();
+    q.kick().unwrap();
+    expect_broken(&mut d, &format!("head {head} posted again while in flight"));
+}
+
+#[test]
+fn same_head_posted_again_after_completion_is_served() {
+    let mut d = dev();
+    let c = chain(&d, &BlkRequest::flush());
+    let mut first = c.clone();
+    first.allocs.clear(); // the buffers are freed once, with the second completion
+    let q = &mut d.queues[0];
+    let head = q.add(first).unwrap();
+    q.publish().unwrap();
+    q.kick().unwrap();
+    let done = q.wait_used(1, TIMEOUT).unwrap();
+    assert_eq!(done[0].status, Some(S_OK));
+    // The driver reposts the same descriptors (it got them back).
+    let again = q.add(c).unwrap();
+    assert_eq!(again, head);
+    q.publish().unwrap();
+    q.kick().unwrap();
+    let done = q.wait_used(1, TIMEOUT).unwrap();
+    assert_eq!(
+        (done[0].head, done[0].status),
+        (u32::from(head), Some(S_OK))
+    );
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn rings_in_unusable_memory_break_the_device_at_start() {
+    // Used ring in read-only memory: the device cannot publish anything.
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.queue_size = 16;
+    let mut d = SimDevice::create(cfg.clone()).unwrap();
+    d.mem.add_region(FREE_IOVA, 0x1000, PROT_RO).unwrap();
+    let mut layout = d.queues[0].layout();
+    layout.used = FREE_IOVA;
+    d.queues[0] = vduse_blkd::sim::SimQueue::new(d.mem.clone(), 0, 16, layout, false)
+        .expect("driver can write its own rings");
+    d.start(0, 0, 0).unwrap();
+    assert_broken(&mut d, 0, "ring area not mapped");
+    // Avail ring in memory the device may not access at all.
+    let mut d = SimDevice::create(cfg).unwrap();
+    d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
+    let mut layout = d.queues[0].layout();
+    layout.avail = FREE_IOVA;
+    d.queues[0] = vduse_blkd::sim::SimQueue::new(d.mem.clone(), 0, 16, layout, false)
+        .expect("driver can write its own rings");
+    d.start(0, 0, 0).unwrap();
+    assert_broken(&mut d, 0, "ring area not mapped");
+}
+
+#[test]
+fn device_writable_flag_on_an_indirect_descriptor_is_ignored_safely() {
+    // INDIRECT | WRITE is forbidden for drivers; the table is still only read.
+    let mut d = dev();
+    let c = builder(&d)
+        .readable(&header(T_FLUSH, 0))
+        .unwrap()
+        .writable(1)
+        .unwrap()
+        .indirect(Indirect::Table)
+        .build();
+    let q = &mut d.queues[0];
+    let head = q.add(c).unwrap();
+    let table = q
+        .mem()
+        .read_vec(q.layout().desc + 16 * u64::from(head), 16)
+        .unwrap();
+    let addr = u64::from_le_bytes(table[0..8].try_into().unwrap());
+    q.write_desc(head, addr, 32, DESC_F_INDIRECT | DESC_F_WRITE, 0)
+        .unwrap();
+    q.publish().unwrap();
+    q.kick().unwrap();
+    let done = q.wait_used(1, TIMEOUT).unwrap();
+    assert_eq!((done[0].status, done[0].len), (Some(S_OK), 1));
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn avail_idx_moving_backwards_breaks_the_device() {
+    let mut d = dev();
+    assert_serves(&mut d, 0, 8);
+    let q = &mut d.queues[0];
+    let idx = q.avail_idx();
+    q.set_avail_idx_raw(idx.wrapping_sub(1)).unwrap();
+    q.kick().unwrap();
+    expect_broken(&mut d, "avail ring");
+}
+
+#[test]
+fn broken_ring_waits_for_io_in_flight() {
+    let mut d = dev();
+    // Ten valid reads, then a looping chain, in one batch: the reads are already queued to
+    // io_uring when the loop is found.
+    for i in 0..10 {
+        let c = chain(&d, &BlkRequest::read(i * 8, 4096));
+        d.queues[0].add(c).unwrap();
+    }
+    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
+    let ids = d.queues[0].alloc_descs(1).unwrap();
+    d.queues[0]
+        .write_desc(ids[0], h, 16, DESC_F_NEXT, ids[0])
+        .unwrap();
+    post_head(&mut d, ids[0], ids.clone());
+    match d.wait_exit(0, TIMEOUT).expect("worker ends") {
+        Err(vduse_blkd::worker::WorkerError::Broken { reason, stats, .. }) => {
+            assert!(reason.contains("loop"), "{reason}");
+            assert_eq!(
+                stats.reads, 10,
+                "every read in flight completed before the exit"
+            );
+        }
+        other => panic!("expected Broken, got {other:?}"),
+    }
+    // Nothing is published once the ring is known to be corrupt.
+    assert!(d.queues[0].reap().unwrap().is_empty());
+}
+
+#[test]
+fn in_buffer_overlapping_the_descriptor_table_is_served() {
+    // The driver lends its own descriptor table as the data buffer of a read. The chain was
+    // walked before the read lands, so the request completes normally.
+    let mut d = dev();
+    let table = d.queues[0].layout().desc;
+    let c = builder(&d)
+        .readable(&header(T_IN, 64))
+        .unwrap()
+        .desc(Desc::writable(table, 512))
+        .writable(1)
+        .unwrap()
+        .build();
+    let c = expect_ok_read(&mut d, c, 512);
+    let file = d.backing_read(64 * 512, 512).unwrap();
+    assert_eq!(c.data, file);
+    assert_eq!(d.mem.read_vec(table, 512).unwrap(), file);
+    // The driver rewrites its descriptors for the next request, which is served.
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+#[test]
+fn same_head_reposted_with_a_changed_chain_while_in_flight_breaks_the_device() {
+    // Head B (an indirect read) is in flight when it is posted again; by then a GET_ID that
+    // ran in between has rewritten B's table entry to name an unmapped indirect table. The
+    // duplicate must be caught whatever the chain now looks like: no used entry may be
+    // published for a head that is still in flight.
+    let unmapped = FREE_IOVA + 0x40_0000;
+    let mut serial = [0u8; 20];
+    serial[0..8].copy_from_slice(&unmapped.to_le_bytes());
+    serial[8..12].copy_from_slice(&48u32.to_le_bytes());
+    serial[12..14].copy_from_slice(&DESC_F_INDIRECT.to_le_bytes());
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.serial = serial;
+    let mut d = SimDevice::new(cfg).unwrap();
+    let read = chain(&d, &BlkRequest::read(0, 4096).indirect(true));
+    let b = d.queues[0].add(read).unwrap();
+    let entry = d.queues[0].layout().desc + 16 * u64::from(b);
+    let get_id = builder(&d)
+        .readable(&header(T_GET_ID, 0))
+        .unwrap()
+        .desc(Desc::writable(entry, 20))
+        .writable(1)
+        .unwrap()
+        .build();
+    d.queues[0].add(get_id).unwrap();
+    d.queues[0].add_head(b, None).unwrap();
+    d.queues[0].publish().unwrap();
+    d.queues[0].kick().unwrap();
+    assert_broken(&mut d, 0, &format!("head {b} posted again while in flight"));
+    // The GET_ID (completed before the duplicate was seen) is the only used entry.
+    let used = d.queues[0].reap().unwrap();
+    assert_eq!(used.len(), 1, "{used:?}");
+    assert_eq!((used[0].status, used[0].len), (Some(S_OK), 21));
+}
+
+#[test]
+fn bad_queue_size_or_misaligned_rings_are_refused_at_start() {
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.queue_size = 16;
+    // A size that is not a power of two.
+    let mut d = SimDevice::create(cfg.clone()).unwrap();
+    let layout = d.queues[0].layout();
+    d.queues[0] = vduse_blkd::sim::SimQueue::new(d.mem.clone(), 0, 12, layout, false).unwrap();
+    d.start(0, 0, 0).unwrap();
+    assert_broken(&mut d, 0, "bad queue size");
+    // Each ring area misaligned in turn.
+    for (which, why) in [(0, "descriptor table"), (1, "avail ring"), (2, "used ring")] {
+        let mut d = SimDevice::create(cfg.clone()).unwrap();
+        let mut layout = d.queues[0].layout();
+        match which {
+            0 => layout.desc += 8,
+            1 => layout.avail += 1,
+            _ => layout.used += 2,
+        }
+        d.queues[0] = vduse_blkd::sim::SimQueue::new(d.mem.clone(), 0, 16, layout, false).unwrap();
+        d.start(0, 0, 0).unwrap();
+        assert_broken(&mut d, 0, why);
+    }
+}
