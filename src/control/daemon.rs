@@ -425,6 +425,7 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
 
     // 5. Attach, then say ready.
     let mut attached = false;
+    let mut served = false;
     let result = (|| {
         let dev_path = match (o.attach, &nl) {
             (AttachMode::None, _) | (_, None) => "-".to_string(),
@@ -474,6 +475,8 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
         writeln!(out, "ready name={} dev={dev_path}", o.name)
             .and_then(|_| out.flush())
             .map_err(io_err("cannot write the ready line"))?;
+        // From here on the file holds the user's data: never remove it.
+        served = true;
         wait_for_end(signals, &rx)
     })();
 
@@ -488,8 +491,8 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
     let stats = lp.stop();
     drop(dev);
     let destroyed = created.destroy();
-    if result.is_ok() {
-        // A successful run keeps a file it created.
+    if served {
+        // The device was usable: a file it created holds data now, whatever happens next.
         created.backend = None;
     }
     result?;
