@@ -480,12 +480,15 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
         wait_for_end(signals, &rx)
     })();
 
-    // 6. Teardown, in reverse.
-    if attached {
-        if let Some(nl) = &nl {
-            if let Err(e) = nl.dev_del(&o.name) {
-                warn!("detach: {e}");
-            }
+    // 6. Teardown, in reverse. With --attach none the user may have attached the device
+    // by hand: detach whatever is on the bus.
+    if attached || sysfs::on_vdpa_bus(&o.name) {
+        let detached = match &nl {
+            Some(nl) => nl.dev_del(&o.name),
+            None => VdpaNetlink::connect().and_then(|nl| nl.dev_del(&o.name)),
+        };
+        if let Err(e) = detached {
+            warn!("detach: {e}");
         }
     }
     let stats = lp.stop();

@@ -307,10 +307,58 @@ case_list_del() {
     rm -f /tmp/ld.img
 }
 
+# --attach vhost hands the device to vhost_vdpa (no block device, a vhost-vdpa node);
+# --attach none leaves it off the bus until the user adds it; SIGTERM detaches either.
+case_attach_modes() {
+    need_daemon
+    vduse-blkd serve /tmp/am.img --name amv --size 16M --attach vhost >/tmp/amv.out 2>/tmp/amv.err &
+    p=$!
+    echo "$p" >>"$PIDS_FILE"
+    wait_for_line /tmp/amv.out '^ready name=amv dev=-$' 60 >/dev/null ||
+        { show_tail /tmp/amv.err; fail "no 'ready name=amv dev=-' line with --attach vhost"; }
+    drv=$(basename "$(readlink /sys/bus/vdpa/devices/amv/driver 2>/dev/null)")
+    [ "$drv" = vhost_vdpa ] || fail "--attach vhost: bound to '$drv', want vhost_vdpa"
+    vh=
+    for f in /sys/bus/vdpa/devices/amv/vhost-vdpa-*; do [ -e "$f" ] && vh=${f##*/}; done
+    [ -n "$vh" ] || fail "--attach vhost: no vhost-vdpa device in sysfs"
+    [ -c "/dev/$vh" ] || fail "--attach vhost: no /dev/$vh"
+    [ -z "$(vdpa_blockdev amv)" ] || fail "--attach vhost: the device also became a block device"
+    kill -TERM "$p"
+    wait_gone "$p" 30 || fail "--attach vhost: no exit within 30s of SIGTERM"
+    wait "$p" || fail "--attach vhost: exit status $? after SIGTERM"
+    assert_no_leftovers amv
+    rm -f /tmp/am.img
+
+    vduse-blkd serve /tmp/am.img --name amn --size 16M --attach none >/tmp/amn.out 2>/tmp/amn.err &
+    p=$!
+    echo "$p" >>"$PIDS_FILE"
+    wait_for_line /tmp/amn.out '^ready name=amn dev=-$' 60 >/dev/null ||
+        { show_tail /tmp/amn.err; fail "no 'ready name=amn dev=-' line with --attach none"; }
+    [ -e /dev/vduse/amn ] || fail "--attach none: no /dev/vduse/amn"
+    [ ! -e /sys/bus/vdpa/devices/amn ] || fail "--attach none: the device is on the vdpa bus"
+    vdpa dev add name amn mgmtdev vduse || fail "--attach none: manual vdpa dev add failed"
+    end=$(($(now) + 30))
+    while [ -z "$(vdpa_blockdev amn)" ]; do
+        [ "$(now)" -lt "$end" ] || fail "--attach none: no block device after a manual add"
+        sleep 0.1
+    done
+    d=$(vdpa_blockdev amn)
+    dd if=/dev/urandom of=/tmp/am.pat bs=1M count=4 2>/dev/null
+    dd if=/tmp/am.pat of="$d" bs=1M oflag=direct 2>/dev/null || fail "write to $d failed"
+    [ "$(md5_range "$d" 0 4)" = "$(md5sum </tmp/am.pat | cut -d' ' -f1)" ] || fail "$d read back other data"
+    # SIGTERM with the device still on the bus (added by hand): the daemon detaches it.
+    kill -TERM "$p"
+    wait_gone "$p" 30 || fail "--attach none: no exit within 30s of SIGTERM"
+    wait "$p" || fail "--attach none: exit status $? after SIGTERM"
+    assert_no_leftovers amn
+    rm -f /tmp/am.img /tmp/am.pat
+}
+
 if [ "${1:-}" = --case ]; then
     "$2"
     exit $?
 fi
+
 
 note "suite on $(uname -r), backend $VM_BACKEND, $(vduse-blkd --version 2>/dev/null || echo 'no vduse-blkd')"
 want() { [ -z "${VM_CASES:-}" ] || case " $VM_CASES " in *" $1 "*) ;; *) return 1 ;; esac; }
@@ -325,4 +373,5 @@ want discard-zeroes && run_case discard-zeroes 120 case_discard_zeroes
 want ext4 && run_case ext4 180 case_ext4
 want fio-verify && run_case fio-verify 300 case_fio_verify
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
+want attach-modes && run_case attach-modes 120 case_attach_modes
 exit 0
