@@ -1,8 +1,10 @@
 //! The backing store: a regular file or a block device, validated and opened.
 //!
 //! Owns: the checks a user gets one clear line for (missing, wrong type, zero or unaligned
-//! size), sparse creation of a new file, O_DIRECT, and the capacity. Must not touch: VDUSE,
-//! virtio or io_uring (workers register the file descriptor with their own rings).
+//! size), sparse creation of a new file, O_DIRECT, and the capacity; and the null backing
+//! ([`Backend::null`]) that benchmarks use to measure the data path without a file. Must not
+//! touch: VDUSE, virtio or io_uring (workers register the file descriptor with their own
+//! rings).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -19,6 +21,11 @@ pub enum BackingKind {
     File,
     /// A block device.
     BlockDevice,
+    /// No storage at all (`bench --backing null`): workers complete every request with an
+    /// io_uring NOP instead of touching a file, so a benchmark measures the whole data path
+    /// (ring, chain walk, parsing, translation, io_uring, completion) without data movement.
+    /// Reads leave the driver's buffers as they were; writes are dropped.
+    Null,
 }
 
 /// What the user asked for.
@@ -185,6 +192,8 @@ impl Backend {
                 }
                 existing
             }
+            // `kind` comes from the path's metadata above: a file or a block device.
+            BackingKind::Null => unreachable!("Backend::open never opens the null backing"),
         };
         check_size(capacity, spec.block_size).map_err(cleanup)?;
         Ok(Backend {
@@ -196,6 +205,37 @@ impl Backend {
             path: spec.path.clone(),
             created,
         })
+    }
+
+    /// A null backing of `capacity` bytes (see [`BackingKind::Null`]). It holds `/dev/null`
+    /// open so that workers can still register a file with their rings; nothing is ever
+    /// read from or written to it.
+    pub fn null(capacity: u64, block_size: u32) -> Result<Self, BackendError> {
+        check_size(capacity, block_size)?;
+        let path = PathBuf::from("/dev/null");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| BackendError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Backend {
+            file,
+            capacity,
+            read_only: false,
+            kind: BackingKind::Null,
+            direct: false,
+            path,
+            created: false,
+        })
+    }
+
+    /// Whether this is the null backing.
+    pub fn is_null(&self) -> bool {
+        self.kind == BackingKind::Null
     }
 
     /// The file descriptor (workers register it with their rings).
@@ -243,6 +283,24 @@ mod tests {
         assert!(matches!(
             Backend::open(&spec(p, Some(2 << 20))),
             Err(BackendError::SizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn null_backing_has_a_capacity_and_no_file() {
+        let b = Backend::null(1 << 30, 512).unwrap();
+        assert!(b.is_null());
+        assert_eq!(
+            (b.capacity, b.read_only, b.created),
+            (1 << 30, false, false)
+        );
+        assert!(b.raw_fd() >= 0);
+        b.remove_if_created();
+        assert!(Path::new("/dev/null").exists());
+        assert!(matches!(Backend::null(0, 512), Err(BackendError::ZeroSize)));
+        assert!(matches!(
+            Backend::null(1000, 512),
+            Err(BackendError::Unaligned { .. })
         ));
     }
 

@@ -9,10 +9,13 @@
 //! - [`worker`]: one thread, one virtqueue, one io_uring.
 //! - [`metrics`]: per-queue counters and latency histograms.
 //! - [`control`]: VDUSE control plane (negotiation, device lifecycle, message loop, vdpa bus).
+//! - [`sim`]: an in-process virtio driver for tests and benchmarks.
+//! - [`bench`](mod@bench): `vduse-blkd bench`, the production workers under load from the simulator.
 //! - [`cli`]: the command line.
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod control;

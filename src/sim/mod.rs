@@ -32,6 +32,7 @@
 //! assert!(dev.shutdown().iter().all(|r| r.is_ok()));
 //! ```
 
+pub mod backed;
 pub mod blk;
 pub mod device;
 pub mod memory;
