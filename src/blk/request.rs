@@ -248,6 +248,7 @@ pub fn parse_request(
     req.data_len = 0;
     req.offset = 0;
     req.status_addr = None;
+    req.kind = RequestKind::default();
 
     let n_read = segs.iter().take_while(|s| !s.write).count();
     let (readable, writable) = segs.split_at(n_read);

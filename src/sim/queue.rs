@@ -265,7 +265,11 @@ impl Chain {
     /// is device-writable and not empty.
     pub fn status_addr(&self) -> Option<u64> {
         let last = self.descs.last()?;
-        (last.is_write() && last.len > 0).then(|| last.addr + u64::from(last.len) - 1)
+        if !last.is_write() || last.len == 0 {
+            return None;
+        }
+        // A hostile chain may end past u64::MAX: then there is no status byte to find.
+        last.addr.checked_add(u64::from(last.len) - 1)
     }
 
     /// The device-writable data ranges (every writable descriptor, the status byte excluded).
