@@ -42,5 +42,5 @@ if [ "${1:-}" = --case ]; then
     "$2"
     exit $?
 fi
-load_vduse_modules || { echo "RESULT FAIL demo: could not load the VDUSE modules"; exit 0; }
+load_vduse_modules || { fail demo "could not load the VDUSE modules"; exit 0; }
 run_case demo $((DEMO_SECONDS + 180)) demo

@@ -1,8 +1,8 @@
 # Helpers for guest scripts (busybox sh), sourced: . /guest/lib.sh
 #
-# Result protocol (parsed by tools/vm/run): one line per case,
-#   RESULT PASS <case>
-#   RESULT FAIL <case>: <reason>
+# Result protocol (parsed by tools/vm/run): one JSON object per case on one line,
+#   RESULT {"case":"<case>","status":"pass"|"fail","secs":<n>,"reason":"<text>"}
+# written only through `result`; tools/vm/run adds the kernel and collects them.
 # Diagnostics start with "# " (shown by tools/vm/run --quiet).
 #
 # Cases run through run_case, each in its own shell under busybox timeout. Inside a
@@ -19,7 +19,18 @@ VM_BACKEND=${VM_BACKEND:-vduse-blkd}
 
 note() { echo "# $*"; }
 
-pass() { echo "RESULT PASS $1"; }
+# json_str TEXT: TEXT as the inside of a JSON string, on one line.
+json_str() {
+    printf '%s' "$1" | tr '\t\n\r' '   ' | tr -d '\000-\037' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g'
+}
+
+# result pass|fail CASE [SECS] [REASON]: the one result line of a case.
+result() {
+    printf 'RESULT {"case":"%s","status":"%s","secs":%d,"reason":"%s"}\n' \
+        "$(json_str "$2")" "$1" "${3:-0}" "$(json_str "${4:-}")"
+}
+
+pass() { result pass "$1"; }
 
 fail() {
     # Inside a case: record the reason and end the case. Outside: print a result line.
@@ -30,7 +41,7 @@ fail() {
     fi
     _c=$1
     shift
-    echo "RESULT FAIL $_c: $*"
+    result fail "$_c" 0 "$*"
 }
 
 now() { cut -d. -f1 /proc/uptime; }
@@ -273,13 +284,13 @@ run_case() {
     case_cleanup
     _dt=$(($(now) - _t0))
     if [ -s "$CASE_FAIL_FILE" ]; then
-        echo "RESULT FAIL $_case: $(head -n 1 "$CASE_FAIL_FILE") (${_dt}s)"
+        result fail "$_case" "$_dt" "$(head -n 1 "$CASE_FAIL_FILE")"
     elif [ "$_rc" = 143 ] || [ "$_rc" = 137 ]; then
-        echo "RESULT FAIL $_case: timed out after ${_limit}s"
+        result fail "$_case" "$_dt" "timed out after ${_limit}s"
     elif [ "$_rc" != 0 ]; then
-        echo "RESULT FAIL $_case: case script exited $_rc (${_dt}s)"
+        result fail "$_case" "$_dt" "case script exited $_rc"
     else
-        echo "RESULT PASS $_case (${_dt}s)"
+        result pass "$_case" "$_dt"
     fi
 }
 

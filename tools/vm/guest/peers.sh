@@ -7,8 +7,8 @@
 ROUNDS=${PEER_ROUNDS:-3}
 SECS=${PEER_SECONDS:-5}
 
-load_vduse_modules || { echo "RESULT FAIL peers: cannot load the VDUSE modules"; exit 0; }
-command -v qemu-storage-daemon >/dev/null || { echo "RESULT FAIL peers: no qemu-storage-daemon in the guest"; exit 0; }
+load_vduse_modules || { fail peers "cannot load the VDUSE modules"; exit 0; }
+command -v qemu-storage-daemon >/dev/null || { fail peers "no qemu-storage-daemon in the guest"; exit 0; }
 
 bdev_of() { # NAME: wait (deadline 30 s) for the block device of vdpa device NAME
     _end=$(($(now) + 30))
@@ -69,4 +69,4 @@ while [ "$r" -le "$ROUNDS" ]; do
     done
     r=$((r + 1))
 done
-if [ "$ok" = 1 ]; then echo "RESULT PASS peers"; else echo "RESULT FAIL peers: a run failed (see # lines)"; fi
+if [ "$ok" = 1 ]; then pass peers; else fail peers "a run failed (see # lines)"; fi

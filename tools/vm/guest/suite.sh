@@ -247,7 +247,8 @@ bad_row() {
     fi
     grep -qi -- "$_kw" /tmp/bi.err || fail "'$_show': stderr lacks '$_kw': $(head -c 300 /tmp/bi.err)"
     [ -z "$_nm" ] || assert_no_leftovers "$_nm"
-    note "ok: $_show -> $(head -n 1 /tmp/bi.err | cut -c1-120)"
+    [ "$(wc -l </tmp/bi.err)" = 1 ] || fail "'$_show': want one line on stderr, got: $(head -c 300 /tmp/bi.err)"
+    note "ok: $_show -> $(cat /tmp/bi.err)"
 }
 
 # a row that wrongly succeeded would serve in the foreground until killed; nothing to do
@@ -364,7 +365,7 @@ note "suite on $(uname -r), backend $VM_BACKEND, $(vduse-blkd --version 2>/dev/n
 want() { [ -z "${VM_CASES:-}" ] || case " $VM_CASES " in *" $1 "*) ;; *) return 1 ;; esac; }
 # missing-module runs before the VDUSE modules are loaded
 want missing-module && run_case missing-module 60 case_missing_module
-load_vduse_modules || echo "RESULT FAIL load-modules: could not load vduse/virtio_vdpa/vhost_vdpa"
+load_vduse_modules || fail load-modules "could not load vduse/virtio_vdpa/vhost_vdpa"
 want probe && run_case probe 60 case_probe
 want bad-input && run_case bad-input 240 case_bad_input
 want list-del && run_case list-del 90 case_list_del
