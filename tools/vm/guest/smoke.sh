@@ -1,4 +1,4 @@
-# Testbed smoke test (no vduse-blkd needed): tools/vm/run 6.12 tools/vm/guest/smoke.sh
+# Testbed smoke test (no vduse-blkd needed): tools/vm/run stable tools/vm/guest/smoke.sh
 # Checks that the base modules loaded, the VDUSE modules load, the vdpa tool sees
 # the vduse management device, and fio runs and its JSON output parses.
 # shellcheck source=lib.sh

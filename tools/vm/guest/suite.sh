@@ -1,4 +1,4 @@
-# The VM suite for vduse-blkd (busybox sh): tools/vm/run 7.2 tools/vm/guest/suite.sh
+# The VM suite for vduse-blkd (busybox sh): tools/vm/run sid tools/vm/guest/suite.sh
 # One RESULT line per case. VM_CASES="a b" (tools/vm/run --env) runs only those cases.
 # shellcheck source=lib.sh
 . /guest/lib.sh
