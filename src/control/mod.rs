@@ -6,6 +6,8 @@
 //! - [`device`]: the control thread: message loop, worker start/stop.
 //! - [`netlink`]: vdpa generic netlink (attach/detach without the `vdpa` binary).
 //! - [`sysfs`]: modules, driver binding, finding `/dev/vdX`.
+//! - [`host`]: what the kernel lacks and advice that works on this host (kernel config,
+//!   module files, `modprobe`).
 //! - [`daemon`]: the commands' lifecycles (`serve`, `probe`, `list`, `del`).
 //!
 //! Must not touch: the data path beyond starting and stopping workers.
@@ -13,5 +15,6 @@ pub mod api;
 pub mod daemon;
 pub mod device;
 pub mod fd;
+pub mod host;
 pub mod netlink;
 pub mod sysfs;
