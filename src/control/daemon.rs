@@ -80,8 +80,9 @@ pub enum DaemonError {
     /// Bad queue or device parameters.
     #[error("{0}")]
     Params(String),
-    /// A kernel module is missing.
-    #[error("the {module} kernel module is not loaded (run: modprobe {module})")]
+    /// A kernel module is missing. The message says what to do on this host (see
+    /// [`super::host::module_advice`]): `modprobe` only where it can work.
+    #[error("the {module} kernel module is not loaded: {}", super::host::module_advice(.module))]
     ModuleMissing {
         /// The module.
         module: &'static str,
