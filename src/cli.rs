@@ -17,6 +17,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::backend::BackingSpec;
 use crate::bench::{self, BenchBacking, BenchOptions, Pattern, Pinning, WaitMode};
 use crate::control::daemon::{self, AttachMode, ServeOptions};
+use crate::control::probe;
 
 /// Serve a file or block device as a virtio-blk device through VDUSE, with an io_uring data
 /// path.
@@ -123,10 +124,16 @@ pub enum Command {
         #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1))]
         api_version: Option<u64>,
     },
-    /// Print what the running kernel's VDUSE offers: API versions, the version chosen,
-    /// optional features, umem support, bounce size, loaded bus drivers.
+    /// Print what the running kernel's VDUSE offers and what this host lacks.
+    ///
+    /// With VDUSE: API versions, the version chosen, optional features, umem support, bounce
+    /// size. Always: the vduse module and its file, the kernel configuration
+    /// (CONFIG_VDPA_USER, CONFIG_VIRTIO_VDPA, CONFIG_VHOST_VDPA, ...), the bus drivers, and one
+    /// `missing:` line per missing piece with advice that works on this host. Exits 0
+    /// whenever it could look, whatever is missing.
     Probe {
-        /// Print JSON.
+        /// Print one JSON object instead (the same facts; `missing` is a list of
+        /// {what, needed_for, advice}).
         #[arg(long)]
         json: bool,
     },
@@ -322,12 +329,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Probe { json } => match daemon::probe() {
-            Ok(r) => match daemon::print_probe(&r, json) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e),
-            },
-            Err(e) => fail(e),
+        Command::Probe { json } => match probe::print_probe(&probe::probe(), json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("cannot print the probe report: {e}")),
         },
         Command::List => match daemon::list() {
             Ok(entries) => {

@@ -8,7 +8,8 @@
 //! - [`sysfs`]: modules, driver binding, finding `/dev/vdX`.
 //! - [`host`]: what the kernel lacks and advice that works on this host (kernel config,
 //!   module files, `modprobe`).
-//! - [`daemon`]: the commands' lifecycles (`serve`, `probe`, `list`, `del`).
+//! - [`daemon`]: the commands' lifecycles (`serve`, `list`, `del`).
+//! - [`probe`]: `probe`: what the kernel offers and what is missing.
 //!
 //! Must not touch: the data path beyond starting and stopping workers.
 pub mod api;
@@ -17,4 +18,5 @@ pub mod device;
 pub mod fd;
 pub mod host;
 pub mod netlink;
+pub mod probe;
 pub mod sysfs;
