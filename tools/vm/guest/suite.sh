@@ -252,7 +252,8 @@ bad_row() {
     fi
     grep -qi -- "$_kw" /tmp/bi.err || fail "'$_show': stderr lacks '$_kw': $(head -c 300 /tmp/bi.err)"
     [ -z "$_nm" ] || assert_no_leftovers "$_nm"
-    note "ok: $_show -> $(head -n 1 /tmp/bi.err | cut -c1-120)"
+    # the whole message: cutting it at a column made a good message look broken
+    note "ok: $_show -> $(head -n 1 /tmp/bi.err)"
 }
 
 # a row that wrongly succeeded would serve in the foreground until killed; nothing to do
