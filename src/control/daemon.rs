@@ -1,4 +1,5 @@
-//! The device lifecycle as the commands run it: `serve`, `probe`, `list`, `del`.
+//! The device lifecycle as the commands run it: `serve`, `list`, `del` (`probe` is
+//! [`super::probe`]).
 //!
 //! Owns: validation of user input before anything is created, the order of creation
 //! (backing → CREATE_DEV → VQ_SETUP → message loop → vdpa attach → `ready`), and teardown in
@@ -20,7 +21,7 @@ use nix::sys::signalfd::SignalFd;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::api::{self, kernel_versions, negotiate, ApiVersion, NegotiateError};
+use super::api::{self, negotiate, ApiVersion, NegotiateError};
 use super::device::{spawn_loop, LoopConfig, LoopEvent, DESTROY_DEADLINE};
 use super::fd::{ControlFd, DeviceFd, CONTROL_PATH};
 use super::netlink::{NetlinkError, VdpaNetlink};
@@ -80,8 +81,9 @@ pub enum DaemonError {
     /// Bad queue or device parameters.
     #[error("{0}")]
     Params(String),
-    /// A kernel module is missing.
-    #[error("the {module} kernel module is not loaded (run: modprobe {module})")]
+    /// A kernel module is missing. The message says what to do on this host (see
+    /// [`super::host::module_advice`]): `modprobe` only where it can work.
+    #[error("the {module} kernel module is not loaded: {}", super::host::module_advice(.module))]
     ModuleMissing {
         /// The module.
         module: &'static str,
@@ -529,151 +531,6 @@ fn wait_for_end(signals: &SignalFd, events: &Receiver<LoopEvent>) -> Result<(), 
             }
         }
     }
-}
-
-/// What `probe` reports.
-#[derive(Debug, Serialize)]
-pub struct ProbeReport {
-    /// `/dev/vduse/control` exists.
-    pub control_device: bool,
-    /// Versions the kernel accepts.
-    pub api_versions: Vec<u64>,
-    /// The version negotiation chose.
-    pub api_version_chosen: u64,
-    /// Optional VDUSE features (0 when none).
-    pub features: u64,
-    /// `VDUSE_GET_FEATURES` exists.
-    pub features_ioctl: bool,
-    /// `VDUSE_IOTLB_GET_INFO` (and so REG_UMEM) exists.
-    pub umem_ioctl: bool,
-    /// Default bounce buffer size in bytes, if the kernel reports it.
-    pub bounce_size: Option<u64>,
-    /// Bus drivers and netlink.
-    pub virtio_vdpa: bool,
-    /// `vhost_vdpa` loaded.
-    pub vhost_vdpa: bool,
-    /// The vdpa netlink family answers and lists the vduse management device.
-    pub vdpa_mgmtdev_vduse: bool,
-    /// Kernel release.
-    pub kernel: String,
-}
-
-/// Ask the running kernel what it offers. Creates and destroys a throwaway device to learn
-/// the bounce size and whether the umem ioctls exist.
-pub fn probe() -> Result<ProbeReport, DaemonError> {
-    let mut control = open_control()?;
-    let versions = kernel_versions(&mut control)?;
-    let n = negotiate(&mut control)?;
-    let (umem_ioctl, bounce_size) = probe_device(&control, n.version).unwrap_or_else(|e| {
-        warn!("probe device: {e}");
-        (false, None)
-    });
-    let vdpa_mgmtdev_vduse = VdpaNetlink::connect()
-        .and_then(|nl| nl.mgmtdev_has_vduse())
-        .unwrap_or(false);
-    let kernel = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok(ProbeReport {
-        control_device: true,
-        api_versions: versions,
-        api_version_chosen: n.version.number(),
-        features: n.features,
-        features_ioctl: n.features_ioctl,
-        umem_ioctl,
-        bounce_size,
-        virtio_vdpa: sysfs::vdpa_driver_loaded("virtio_vdpa"),
-        vhost_vdpa: sysfs::vdpa_driver_loaded("vhost_vdpa"),
-        vdpa_mgmtdev_vduse,
-        kernel,
-    })
-}
-
-fn probe_device(control: &ControlFd, v: ApiVersion) -> Result<(bool, Option<u64>), DaemonError> {
-    let name = format!("vduse-blkd-probe-{}", std::process::id());
-    let name_buf = u::vduse_name(&name).map_err(|e| DaemonError::Name(e.to_string()))?;
-    let blk = BlkConfig::new(BlkGeometry {
-        capacity_sectors: 8,
-        block_size: 512,
-        num_queues: 1,
-        queue_size: 16,
-        read_only: true,
-    });
-    let (ngroups, nas) = if v == ApiVersion::V1 { (1, 1) } else { (0, 0) };
-    let header = u::VduseDevConfig {
-        name: name_buf,
-        device_id: vf::VIRTIO_ID_BLOCK,
-        features: blk.features(),
-        vq_num: 1,
-        vq_align: 4096,
-        ngroups,
-        nas,
-        config_size: blk.to_bytes().len() as u32,
-        ..Default::default()
-    };
-    let buf = u::DevConfigBuf::new(&header, &blk.to_bytes())
-        .map_err(|e| DaemonError::Params(e.to_string()))?;
-    control
-        .create_dev(&buf)
-        .map_err(|errno| DaemonError::Ioctl {
-            op: "VDUSE_CREATE_DEV",
-            errno,
-        })?;
-    let mut created = Created {
-        control,
-        name: name_buf,
-        backend: None,
-        device: true,
-    };
-    let bounce = sysfs::bounce_size(&name);
-    let umem = match DeviceFd::open(&name) {
-        Ok(dev) => !matches!(dev.iotlb_info(0), Err(Errno::ENOTTY)),
-        Err(_) => false,
-    };
-    created.destroy()?;
-    Ok((umem, bounce))
-}
-
-/// Print the probe report.
-pub fn print_probe(r: &ProbeReport, json: bool) -> io::Result<()> {
-    let mut out = io::stdout().lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, r)?;
-        writeln!(out)?;
-        return Ok(());
-    }
-    let yn = |b: bool| if b { "yes" } else { "no" };
-    writeln!(out, "kernel:              {}", r.kernel)?;
-    writeln!(
-        out,
-        "control device:      {} ({CONTROL_PATH})",
-        yn(r.control_device)
-    )?;
-    writeln!(
-        out,
-        "API versions:        {:?} (kernel accepts)",
-        r.api_versions
-    )?;
-    writeln!(
-        out,
-        "API version chosen:  {} (we speak {:?})",
-        r.api_version_chosen,
-        api::SUPPORTED_VERSIONS
-    )?;
-    if r.features_ioctl {
-        writeln!(out, "VDUSE features:      {:#x}", r.features)?;
-    } else {
-        writeln!(out, "VDUSE features:      none (no VDUSE_GET_FEATURES)")?;
-    }
-    writeln!(out, "umem (REG_UMEM):     {}", yn(r.umem_ioctl))?;
-    match r.bounce_size {
-        Some(b) => writeln!(out, "default bounce size: {} MiB", b >> 20)?,
-        None => writeln!(out, "default bounce size: unknown")?,
-    }
-    writeln!(out, "virtio_vdpa loaded:  {}", yn(r.virtio_vdpa))?;
-    writeln!(out, "vhost_vdpa loaded:   {}", yn(r.vhost_vdpa))?;
-    writeln!(out, "vdpa mgmtdev vduse:  {}", yn(r.vdpa_mgmtdev_vduse))?;
-    Ok(())
 }
 
 /// One line of `list`.

@@ -6,12 +6,17 @@
 //! - [`device`]: the control thread: message loop, worker start/stop.
 //! - [`netlink`]: vdpa generic netlink (attach/detach without the `vdpa` binary).
 //! - [`sysfs`]: modules, driver binding, finding `/dev/vdX`.
-//! - [`daemon`]: the commands' lifecycles (`serve`, `probe`, `list`, `del`).
+//! - [`host`]: what the kernel lacks and advice that works on this host (kernel config,
+//!   module files, `modprobe`).
+//! - [`daemon`]: the commands' lifecycles (`serve`, `list`, `del`).
+//! - [`probe`]: `probe`: what the kernel offers and what is missing.
 //!
 //! Must not touch: the data path beyond starting and stopping workers.
 pub mod api;
 pub mod daemon;
 pub mod device;
 pub mod fd;
+pub mod host;
 pub mod netlink;
+pub mod probe;
 pub mod sysfs;

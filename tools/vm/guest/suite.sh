@@ -47,10 +47,15 @@ case_missing_module() {
         fail "serve's stderr does not mention 'vduse' and 'module': $(head -c 300 /tmp/mm.err)"
     [ ! -e /tmp/x.img ] || fail "serve created /tmp/x.img although it could not serve it"
     [ ! -s /tmp/mm.out ] || fail "serve printed on stdout: $(head -c 200 /tmp/mm.out)"
+    # a probe reports what is missing and exits 0
     bounded 30 /tmp/mp.out /tmp/mp.err vduse-blkd probe
-    [ "$RC" != 0 ] || fail "probe exited 0 without the vduse module"
-    cat /tmp/mp.out /tmp/mp.err | grep -qi module ||
-        fail "probe's message does not mention 'module': $(head -c 300 /tmp/mp.err)"
+    [ "$RC" = 0 ] || fail "probe exited $RC without the vduse module: $(head -c 300 /tmp/mp.err)"
+    grep -q '^missing: *vduse ' /tmp/mp.out ||
+        fail "probe does not report vduse as missing: $(cat /tmp/mp.out)"
+    bounded 30 /tmp/mpj.out /tmp/mpj.err vduse-blkd probe --json
+    [ "$RC" = 0 ] || fail "probe --json exited $RC without the vduse module: $(head -c 300 /tmp/mpj.err)"
+    tr -d ' \n' </tmp/mpj.out | grep -q '"vduse":{"control_device":false' ||
+        fail "probe --json lacks vduse.control_device=false: $(head -c 600 /tmp/mpj.out)"
 }
 
 case_load_modules() {
