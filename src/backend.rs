@@ -128,6 +128,43 @@ fn check_size(size: u64, block_size: u32) -> Result<(), BackendError> {
     Ok(())
 }
 
+impl BackingSpec {
+    /// Every check [`Backend::open`] makes, without creating anything: so that a caller can
+    /// report the user's own mistake before it touches the kernel, and create the file only
+    /// once everything else is known to work. An existing path is opened (as `open` would)
+    /// and closed again; a missing one needs `--size`, write access and an existing parent
+    /// directory.
+    pub fn check(&self) -> Result<(), BackendError> {
+        if let Some(size) = self.size {
+            check_size(size, self.block_size)?;
+        }
+        match std::fs::metadata(&self.path) {
+            Ok(_) => Backend::open(self).map(drop),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if self.size.is_none() || self.read_only {
+                    return Err(BackendError::NotFound(self.path.clone()));
+                }
+                let parent = match self.path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                match std::fs::metadata(parent) {
+                    Ok(m) if m.is_dir() => Ok(()),
+                    Ok(_) => Err(BackendError::WrongType(parent.to_path_buf())),
+                    Err(source) => Err(BackendError::Open {
+                        path: self.path.clone(),
+                        source,
+                    }),
+                }
+            }
+            Err(source) => Err(BackendError::Open {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+}
+
 impl Backend {
     /// Validate and open (or create) the backing store.
     pub fn open(spec: &BackingSpec) -> Result<Self, BackendError> {
@@ -283,6 +320,38 @@ mod tests {
         assert!(matches!(
             Backend::open(&spec(p, Some(2 << 20))),
             Err(BackendError::SizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn check_validates_without_creating() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("new.img");
+        spec(p.clone(), Some(1 << 20)).check().unwrap();
+        assert!(!p.exists(), "check created the file");
+        assert!(matches!(
+            spec(p.clone(), None).check(),
+            Err(BackendError::NotFound(_))
+        ));
+        assert!(matches!(
+            spec(p.clone(), Some(1000)).check(),
+            Err(BackendError::Unaligned { .. })
+        ));
+        let orphan = d.path().join("no-such-dir/new.img");
+        assert!(matches!(
+            spec(orphan.clone(), Some(1 << 20)).check(),
+            Err(BackendError::Open { .. })
+        ));
+        assert!(!orphan.exists());
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        spec(p.clone(), None).check().unwrap();
+        assert!(matches!(
+            spec(p.clone(), Some(8192)).check(),
+            Err(BackendError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            spec(d.path().to_path_buf(), None).check(),
+            Err(BackendError::WrongType(_))
         ));
     }
 

@@ -321,8 +321,11 @@ pub struct ServeReport {
 /// every thread) or until the device breaks. Prints the `ready` line on stdout.
 pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, DaemonError> {
     // 1. Everything that can be checked without creating anything.
+    // The user's own input first, so that the first error is the one they made; the
+    // backing file is checked here but created only in step 2.
     validate_name(&o.name)?;
     validate_params(o)?;
+    o.backing.check()?;
     let mut control = open_control()?;
     check_attach_modules(o.attach)?;
     if name_in_use(&o.name) {
