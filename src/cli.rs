@@ -2,20 +2,19 @@
 //! one-line messages.
 //!
 //! Owns: parsing (sizes like `512M`, CPU lists like `0-3,6`), `--help`, signal setup for
-//! `serve`, and printing `bench` results (text or JSON). Must not touch: validation that needs the kernel or the backing store (that is
-//! [`crate::control::daemon`]).
+//! `serve`. Must not touch: validation that needs the kernel or the backing store (that is
+//! [`crate::control::daemon`]). The data-path benchmark is its own binary,
+//! `vduse-blkd-bench` (feature `test-utils`), which reuses [`parse_size`] and [`parse_cpus`].
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::backend::BackingSpec;
-use crate::bench::{self, BenchBacking, BenchOptions, Pattern, Pinning, WaitMode};
 use crate::control::daemon::{self, AttachMode, ServeOptions};
 
 /// Serve a file or block device as a virtio-blk device through VDUSE, with an io_uring data
@@ -40,37 +39,6 @@ pub enum Attach {
     /// Bind to vhost_vdpa: the device becomes /dev/vhost-vdpa-N for a VM.
     Vhost,
     /// Do not attach; run `vdpa dev add name NAME mgmtdev vduse` yourself.
-    None,
-}
-
-/// `bench --rw`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum BenchRw {
-    /// Random reads.
-    Randread,
-    /// Random writes.
-    Randwrite,
-}
-
-/// `bench --wait`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum BenchWait {
-    /// Block on the interrupt eventfd (re-arming used_event), as a guest driver does.
-    Irq,
-    /// Spin on the used ring, no interrupts (needs a CPU per driver).
-    Poll,
-}
-
-/// `bench --pin`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum BenchPin {
-    /// `same` with --wait irq, `split` with --wait poll.
-    Auto,
-    /// Worker and driver of queue q both on CPU q.
-    Same,
-    /// Worker of queue q on CPU q, its driver on CPU q+1.
-    Split,
-    /// No pinning.
     None,
 }
 
@@ -132,71 +100,6 @@ pub enum Command {
     },
     /// List VDUSE devices: name, attached or not, driver, block device.
     List,
-    /// Measure the data path: the production queue workers under load from the in-process
-    /// driver simulator (no kernel device needed).
-    ///
-    /// Per queue, one worker (as `serve` runs it) and one driver thread keeping --depth
-    /// requests in flight at random offsets aligned to --bs (fixed seed). Prints IOPS, MiB/s
-    /// and driver-side latency (publish -> used entry seen) percentiles. Pinning (--pin auto):
-    /// with --wait irq, worker and driver of queue q share CPU q (a wake-up across vCPUs costs
-    /// ~10x more than on one CPU on a virtual machine); with --wait poll, the driver runs on
-    /// CPU q+1. A random read of a never-written (sparse) file
-    /// reads holes and touches no storage: write the file first or pass --prefill.
-    Bench {
-        /// A regular file or block device, or `null` for no storage at all (every request
-        /// completes with an io_uring NOP: the whole path without data movement).
-        #[arg(long)]
-        backing: String,
-        /// Size of a file to create (sparse), or of the null device (default 1T).
-        #[arg(long, value_parser = parse_size)]
-        size: Option<u64>,
-        /// Number of queues (each a worker and a driver thread).
-        #[arg(long, default_value_t = 1)]
-        queues: u16,
-        /// Requests in flight per queue.
-        #[arg(long, default_value_t = 32)]
-        depth: u16,
-        /// Bytes per request, e.g. 4K (a multiple of 512).
-        #[arg(long, value_parser = parse_size, default_value = "4K")]
-        bs: u64,
-        /// Access pattern.
-        #[arg(long, value_enum, default_value_t = BenchRw::Randread)]
-        rw: BenchRw,
-        /// Measured seconds.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Unmeasured warm-up seconds before the measurement.
-        #[arg(long, default_value_t = 0.0)]
-        ramp: f64,
-        /// Open the backing with O_DIRECT.
-        #[arg(long)]
-        direct: bool,
-        /// Write the whole file with pseudo-random data first.
-        #[arg(long)]
-        prefill: bool,
-        /// Seed of the random offsets.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Post three direct descriptors per request instead of one indirect one.
-        #[arg(long)]
-        direct_chains: bool,
-        /// How the driver threads wait for completions.
-        #[arg(long, value_enum, default_value_t = BenchWait::Irq)]
-        wait: BenchWait,
-        /// Thread placement (CPU numbers are taken mod the CPUs this process may use).
-        #[arg(long, value_enum, default_value_t = BenchPin::Auto)]
-        pin: BenchPin,
-        /// CPUs for the workers, round robin (with --driver-cpus; overrides --pin).
-        #[arg(long, value_parser = parse_cpus, requires = "driver_cpus")]
-        worker_cpus: Option<CpuList>,
-        /// CPUs for the driver threads, round robin (with --worker-cpus).
-        #[arg(long, value_parser = parse_cpus, requires = "worker_cpus")]
-        driver_cpus: Option<CpuList>,
-        /// Print one JSON object (keys iops, mib_s, p50_us, p99_us, p999_us, queues, depth,
-        /// bs, rw, backing, seconds, and more).
-        #[arg(long)]
-        json: bool,
-    },
     /// Remove a leftover VDUSE device (detach it from the vdpa bus and destroy it).
     Del {
         /// The device name.
@@ -346,84 +249,6 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Bench {
-            backing,
-            size,
-            queues,
-            depth,
-            bs,
-            rw,
-            seconds,
-            ramp,
-            direct,
-            prefill,
-            seed,
-            direct_chains,
-            wait,
-            worker_cpus,
-            driver_cpus,
-            pin,
-            json,
-        } => {
-            let secs = |name: &str, v: f64| {
-                Duration::try_from_secs_f64(v)
-                    .map_err(|_| format!("--{name} must be a non-negative number of seconds"))
-            };
-            let (seconds, ramp) = match (secs("seconds", seconds), secs("ramp", ramp)) {
-                (Ok(s), Ok(r)) => (s, r),
-                (Err(e), _) | (_, Err(e)) => return fail(e),
-            };
-            let Ok(bs) = u32::try_from(bs) else {
-                return fail(format!("--bs {bs} is too large"));
-            };
-            let opts = BenchOptions {
-                backing: BenchBacking::parse(&backing),
-                size,
-                direct,
-                prefill,
-                queues,
-                depth,
-                bs,
-                rw: match rw {
-                    BenchRw::Randread => Pattern::RandRead,
-                    BenchRw::Randwrite => Pattern::RandWrite,
-                },
-                seconds,
-                ramp,
-                seed,
-                indirect: !direct_chains,
-                wait: match wait {
-                    BenchWait::Irq => WaitMode::Irq,
-                    BenchWait::Poll => WaitMode::Poll,
-                },
-                pinning: match (worker_cpus, driver_cpus, pin) {
-                    (Some(w), Some(d), _) => Pinning::Lists(w, d),
-                    (_, _, BenchPin::Auto) => Pinning::Auto,
-                    (_, _, BenchPin::Same) => Pinning::Same,
-                    (_, _, BenchPin::Split) => Pinning::Split,
-                    (_, _, BenchPin::None) => Pinning::None,
-                },
-            };
-            let mut note = |line: String| {
-                let _ = writeln!(std::io::stderr(), "vduse-blkd: {line}");
-            };
-            match bench::run(&opts, &mut note) {
-                Ok(r) => {
-                    let text = if json {
-                        serde_json::to_string(&r)
-                            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-                    } else {
-                        r.human()
-                    };
-                    let _ = writeln!(std::io::stdout(), "{text}");
-                    if r.errors > 0 {
-                        return fail(format!("{} requests completed with an error", r.errors));
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
-        }
         Command::Del { name } => match daemon::del(&name) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
@@ -462,34 +287,6 @@ mod tests {
             Command::Serve { cpus, .. } => assert_eq!(cpus, Some(vec![0, 1, 3])),
             c => panic!("{c:?}"),
         }
-        let cli = Cli::try_parse_from([
-            "vduse-blkd",
-            "bench",
-            "--backing",
-            "null",
-            "--worker-cpus",
-            "0",
-            "--driver-cpus",
-            "1",
-        ])
-        .unwrap();
-        match cli.command {
-            Command::Bench {
-                worker_cpus,
-                driver_cpus,
-                ..
-            } => assert_eq!((worker_cpus, driver_cpus), (Some(vec![0]), Some(vec![1]))),
-            c => panic!("{c:?}"),
-        }
-        assert!(Cli::try_parse_from([
-            "vduse-blkd",
-            "bench",
-            "--backing",
-            "null",
-            "--worker-cpus",
-            "0"
-        ])
-        .is_err());
     }
 
     #[test]
