@@ -6,6 +6,8 @@
 //! success (a `probe` that could look succeeds whatever it found missing), 1 with one line
 //! `vduse-blkd: MESSAGE` on stderr otherwise, 2 for usage errors (clap). Must not touch:
 //! validation that needs the kernel or the backing store (that is [`crate::control`]).
+//! The data-path benchmark is its own binary, `vduse-blkd-bench` (feature `test-utils`),
+//! which reuses [`parse_size`] and [`parse_cpus`].
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -9,18 +9,22 @@
 //! - [`worker`]: one thread, one virtqueue, one io_uring.
 //! - [`metrics`]: per-queue counters and latency histograms.
 //! - [`control`]: VDUSE control plane (negotiation, device lifecycle, message loop, vdpa bus).
-//! - [`sim`]: an in-process virtio driver for tests and benchmarks.
-//! - [`bench`](mod@bench): `vduse-blkd bench`, the production workers under load from the simulator.
 //! - [`cli`]: the command line.
+//!
+//! Test harness, behind the `test-utils` feature (off in the daemon build; on for `cargo test`,
+//! `cargo bench` and the fuzz crate):
+//! - `sim`: an in-process virtio driver for tests and benchmarks. The
+//!   `vduse-blkd-bench` binary (`src/bin/vduse-blkd-bench/`) drives the production workers
+//!   through it.
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod control;
 pub mod memory;
 pub mod metrics;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod sim;
 pub mod uapi;
 pub mod worker;
