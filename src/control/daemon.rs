@@ -12,7 +12,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Receiver};
 use log::{info, warn};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -21,7 +20,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::api::{self, kernel_versions, negotiate, ApiVersion, NegotiateError};
-use super::device::{spawn_loop, LoopConfig, LoopEvent, DESTROY_DEADLINE};
+use super::device::{
+    event_channel, spawn_loop, EventReceiver, LoopConfig, LoopEvent, VduseWorkers, DESTROY_DEADLINE,
+};
 use super::fd::{ControlFd, DeviceFd, CONTROL_PATH};
 use super::netlink::{NetlinkError, VdpaNetlink};
 use super::sysfs;
@@ -408,10 +409,10 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
     } else {
         o.cpus.clone()
     };
-    let (tx, rx) = unbounded();
+    let (tx, rx) = event_channel().map_err(io_err("cannot create the event channel"))?;
     let lp = spawn_loop(
         Arc::clone(&dev),
-        io,
+        VduseWorkers::new(Arc::clone(&dev), io),
         LoopConfig {
             name: o.name.clone(),
             num_queues: o.queues,
@@ -503,29 +504,40 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
     Ok(ServeReport { stats })
 }
 
-/// Block until a termination signal or a fatal device event.
-fn wait_for_end(signals: &SignalFd, events: &Receiver<LoopEvent>) -> Result<(), DaemonError> {
+/// Block until a termination signal or a fatal device event. Sleeps in `poll` on the
+/// signalfd and the event channel's eventfd: no timeout.
+fn wait_for_end(signals: &SignalFd, events: &EventReceiver) -> Result<(), DaemonError> {
     loop {
-        if let Ok(ev) = events.try_recv() {
+        if let Some(ev) = events.try_recv() {
             return Err(match ev {
                 LoopEvent::Broken(s) | LoopEvent::Failed(s) => DaemonError::Broken(s),
             });
         }
-        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(200u16)) {
-            Ok(0) => continue,
-            Ok(_) => {
-                if let Ok(Some(sig)) = signals.read_signal() {
-                    info!("signal {}: shutting down", sig.ssi_signo);
-                    return Ok(());
-                }
-            }
+        let mut fds = [
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(events.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
             Err(Errno::EINTR) => continue,
             Err(e) => {
                 return Err(DaemonError::Io {
                     what: "poll",
                     source: e.into(),
                 })
+            }
+        }
+        let readable = |f: &PollFd| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        if readable(&fds[1]) {
+            // Cleared before the next try_recv: every event sent after this wakes us again.
+            // A fatal event wins over a signal that arrived with it.
+            events.clear();
+            continue;
+        }
+        if readable(&fds[0]) {
+            if let Ok(Some(sig)) = signals.read_signal() {
+                info!("signal {}: shutting down", sig.ssi_signo);
+                return Ok(());
             }
         }
     }
