@@ -259,3 +259,39 @@ pub fn new_eventfd() -> io::Result<OwnedFd> {
     )?;
     Ok(OwnedFd::from(efd))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn over(fd: impl Into<OwnedFd>) -> DeviceFd {
+        DeviceFd {
+            file: File::from(fd.into()),
+            path: PathBuf::from("/dev/vduse/test"),
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_and_eof_is_an_error() {
+        let (rd, mut wr) = std::io::pipe().unwrap();
+        let dev = over(rd);
+        let mut req = VduseDevRequest {
+            req_type: u::VDUSE_SET_STATUS,
+            request_id: 42,
+            ..Default::default()
+        };
+        req.payload[0] = 0x0f;
+        wr.write_all(&req.to_bytes()).unwrap();
+        assert_eq!(dev.read_request().unwrap(), req);
+        drop(wr);
+        let e = dev.read_request().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+
+        let (mut rd, wr) = std::io::pipe().unwrap();
+        let resp = VduseDevResponse::new(42, u::VDUSE_REQ_RESULT_FAILED);
+        over(wr).write_response(&resp).unwrap();
+        let mut back = [0u8; VDUSE_MSG_SIZE];
+        rd.read_exact(&mut back).unwrap();
+        assert_eq!(VduseDevResponse::from_bytes(&back), Some(resp));
+    }
+}
