@@ -129,38 +129,58 @@ fn check_size(size: u64, block_size: u32) -> Result<(), BackendError> {
 }
 
 impl BackingSpec {
-    /// Every check [`Backend::open`] makes, without creating anything: so that a caller can
-    /// report the user's own mistake before it touches the kernel, and create the file only
-    /// once everything else is known to work. An existing path is opened (as `open` would)
-    /// and closed again; a missing one needs `--size`, write access and an existing parent
-    /// directory.
-    pub fn check(&self) -> Result<(), BackendError> {
+    /// Check what [`Backend::open`] checks, without creating or changing anything, so that
+    /// a caller can report the user's mistake before it touches anything else. An existing
+    /// file or device is opened with the access asked for and its size checked; for a file
+    /// that `open` would create, the requested size and the directory it goes in are.
+    pub fn validate(&self) -> Result<(), BackendError> {
+        let open_err = |source| BackendError::Open {
+            path: self.path.clone(),
+            source,
+        };
         if let Some(size) = self.size {
             check_size(size, self.block_size)?;
         }
-        match std::fs::metadata(&self.path) {
-            Ok(_) => Backend::open(self).map(drop),
+        let meta = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if self.size.is_none() || self.read_only {
                     return Err(BackendError::NotFound(self.path.clone()));
                 }
-                let parent = match self.path.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p,
-                    _ => Path::new("."),
-                };
-                match std::fs::metadata(parent) {
-                    Ok(m) if m.is_dir() => Ok(()),
-                    Ok(_) => Err(BackendError::WrongType(parent.to_path_buf())),
-                    Err(source) => Err(BackendError::Open {
-                        path: self.path.clone(),
-                        source,
-                    }),
-                }
+                let dir = self
+                    .path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let access = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+                return nix::unistd::access(dir, access).map_err(|e| open_err(e.into()));
             }
-            Err(source) => Err(BackendError::Open {
-                path: self.path.clone(),
-                source,
-            }),
+            Err(e) => return Err(open_err(e)),
+        };
+        let kind = match meta.file_type() {
+            t if t.is_file() => BackingKind::File,
+            t if t.is_block_device() => BackingKind::BlockDevice,
+            _ => return Err(BackendError::WrongType(self.path.clone())),
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!self.read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&self.path)
+            .map_err(open_err)?;
+        let capacity = match kind {
+            BackingKind::BlockDevice => block_device_size(&file).map_err(open_err)?,
+            _ => meta.len(),
+        };
+        match self.size {
+            Some(requested) if kind == BackingKind::File && requested != capacity => {
+                Err(BackendError::SizeMismatch {
+                    path: self.path.clone(),
+                    existing: capacity,
+                    requested,
+                })
+            }
+            _ => check_size(capacity, self.block_size),
         }
     }
 }
@@ -327,30 +347,30 @@ mod tests {
     fn check_validates_without_creating() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("new.img");
-        spec(p.clone(), Some(1 << 20)).check().unwrap();
+        spec(p.clone(), Some(1 << 20)).validate().unwrap();
         assert!(!p.exists(), "check created the file");
         assert!(matches!(
-            spec(p.clone(), None).check(),
+            spec(p.clone(), None).validate(),
             Err(BackendError::NotFound(_))
         ));
         assert!(matches!(
-            spec(p.clone(), Some(1000)).check(),
+            spec(p.clone(), Some(1000)).validate(),
             Err(BackendError::Unaligned { .. })
         ));
         let orphan = d.path().join("no-such-dir/new.img");
         assert!(matches!(
-            spec(orphan.clone(), Some(1 << 20)).check(),
+            spec(orphan.clone(), Some(1 << 20)).validate(),
             Err(BackendError::Open { .. })
         ));
         assert!(!orphan.exists());
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        spec(p.clone(), None).check().unwrap();
+        spec(p.clone(), None).validate().unwrap();
         assert!(matches!(
-            spec(p.clone(), Some(8192)).check(),
+            spec(p.clone(), Some(8192)).validate(),
             Err(BackendError::SizeMismatch { .. })
         ));
         assert!(matches!(
-            spec(d.path().to_path_buf(), None).check(),
+            spec(d.path().to_path_buf(), None).validate(),
             Err(BackendError::WrongType(_))
         ));
     }
@@ -369,6 +389,48 @@ mod tests {
         assert!(matches!(Backend::null(0, 512), Err(BackendError::ZeroSize)));
         assert!(matches!(
             Backend::null(1000, 512),
+            Err(BackendError::Unaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn validate_checks_what_open_would_and_creates_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("new.img");
+        spec(p.clone(), Some(1 << 20)).validate().unwrap();
+        assert!(!p.exists(), "validate must not create the file");
+        assert!(matches!(
+            spec(p.clone(), None).validate(),
+            Err(BackendError::NotFound(_))
+        ));
+        let mut ro = spec(p.clone(), Some(1 << 20));
+        ro.read_only = true;
+        assert!(matches!(ro.validate(), Err(BackendError::NotFound(_))));
+        assert!(matches!(
+            spec(p.clone(), Some(1000)).validate(),
+            Err(BackendError::Unaligned { .. })
+        ));
+        let nodir = d.path().join("no-such-dir").join("x.img");
+        assert!(matches!(
+            spec(nodir.clone(), Some(1 << 20)).validate(),
+            Err(BackendError::Open { .. })
+        ));
+        assert!(!nodir.exists());
+        assert!(matches!(
+            spec(d.path().to_path_buf(), None).validate(),
+            Err(BackendError::WrongType(_))
+        ));
+        drop(Backend::open(&spec(p.clone(), Some(1 << 20))).unwrap());
+        spec(p.clone(), None).validate().unwrap();
+        spec(p.clone(), Some(1 << 20)).validate().unwrap();
+        assert!(matches!(
+            spec(p.clone(), Some(2 << 20)).validate(),
+            Err(BackendError::SizeMismatch { .. })
+        ));
+        let odd = d.path().join("odd.img");
+        std::fs::write(&odd, [0u8; 1000]).unwrap();
+        assert!(matches!(
+            spec(odd, None).validate(),
             Err(BackendError::Unaligned { .. })
         ));
     }

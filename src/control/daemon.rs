@@ -13,7 +13,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Receiver};
 use log::{info, warn};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -22,7 +21,10 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::api::{self, negotiate, ApiVersion, NegotiateError};
-use super::device::{spawn_loop, LoopConfig, LoopEvent, DESTROY_DEADLINE};
+use super::device::{
+    event_channel, spawn_loop, EventReceiver, LoopConfig, LoopEvent, LoopHandle, VduseWorkers,
+    DESTROY_DEADLINE,
+};
 use super::fd::{ControlFd, DeviceFd, CONTROL_PATH};
 use super::netlink::{NetlinkError, VdpaNetlink};
 use super::sysfs;
@@ -319,19 +321,49 @@ pub struct ServeReport {
 
 /// Serve a device until SIGINT/SIGTERM (read from `signals`, which the caller blocked in
 /// every thread) or until the device breaks. Prints the `ready` line on stdout.
+///
+/// The user's own input (name, parameters, backing store) is checked before the kernel is
+/// touched, so the first error reported is the user's; nothing is created until the kernel
+/// checks pass too.
 pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, DaemonError> {
-    // 1. Everything that can be checked without creating anything.
-    // The user's own input first, so that the first error is the one they made; the
-    // backing file is checked here but created only in step 2.
+    let name_buf = validate_input(o)?;
+    let mut kernel = open_kernel(o)?;
+    let mut s = create(
+        o,
+        &kernel.control,
+        kernel.version,
+        kernel.nl.take(),
+        name_buf,
+    )?;
+    let result = attach_and_wait(o, &mut s, signals);
+    let (stats, destroyed) = s.teardown();
+    result?;
+    destroyed?;
+    Ok(ServeReport { stats })
+}
+
+/// Everything that can be checked without the kernel or creating anything.
+fn validate_input(o: &ServeOptions) -> Result<[u8; u::VDUSE_NAME_MAX], DaemonError> {
     validate_name(&o.name)?;
     validate_params(o)?;
-    o.backing.check()?;
+    let name_buf = u::vduse_name(&o.name).map_err(|e| DaemonError::Name(e.to_string()))?;
+    o.backing.validate()?;
+    Ok(name_buf)
+}
+
+/// What the kernel offers, checked before anything is created.
+struct Kernel {
+    control: ControlFd,
+    nl: Option<VdpaNetlink>,
+    version: ApiVersion,
+}
+
+fn open_kernel(o: &ServeOptions) -> Result<Kernel, DaemonError> {
     let mut control = open_control()?;
     check_attach_modules(o.attach)?;
     if name_in_use(&o.name) {
         return Err(DaemonError::NameTaken(o.name.clone()));
     }
-    let name_buf = u::vduse_name(&o.name).map_err(|e| DaemonError::Name(e.to_string()))?;
     let nl = match o.attach {
         AttachMode::None => None,
         _ => Some(VdpaNetlink::connect()?),
@@ -341,17 +373,93 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
         None => negotiate(&mut control)?,
     };
     info!("VDUSE API {:?}", negotiated.version);
+    Ok(Kernel {
+        control,
+        nl,
+        version: negotiated.version,
+    })
+}
 
-    // 2. The backing store (may create a file; removed again on failure).
+/// A device being served. Dropping it (or [`Serving::teardown`]) undoes the start in
+/// reverse: vdpa detach while the loop still answers (the driver's remove path drains I/O
+/// and resets the device) → loop and workers stopped → device fd closed → DESTROY_DEV
+/// (retried on EBUSY until a deadline) → a backing file this run created removed, unless
+/// the device was ever ready (then the file holds the user's data).
+struct Serving<'a> {
+    name: String,
+    nl: Option<VdpaNetlink>,
+    /// We put the device on the vdpa bus.
+    attached: bool,
+    /// The ready line was printed.
+    served: bool,
+    events: Option<EventReceiver>,
+    lp: Option<LoopHandle>,
+    dev: Option<Arc<DeviceFd>>,
+    /// Dropped last: DESTROY_DEV and the backing file.
+    created: Created<'a>,
+}
+
+impl Serving<'_> {
+    /// Undo everything done so far; the queue statistics and whether DESTROY_DEV worked.
+    /// A second call does nothing.
+    fn teardown(&mut self) -> (QueueStats, Result<(), DaemonError>) {
+        // With --attach none the user may have attached the device by hand: detach
+        // whatever is on the bus.
+        if self.lp.is_some() && (self.attached || sysfs::on_vdpa_bus(&self.name)) {
+            let detached = match &self.nl {
+                Some(nl) => nl.dev_del(&self.name),
+                None => VdpaNetlink::connect().and_then(|nl| nl.dev_del(&self.name)),
+            };
+            if let Err(e) = detached {
+                warn!("detach: {e}");
+            }
+            self.attached = false;
+        }
+        let stats = self.lp.take().map(LoopHandle::stop).unwrap_or_default();
+        self.dev = None;
+        let destroyed = self.created.destroy();
+        if self.served {
+            // The device was usable: a file it created holds data now, whatever happens next.
+            self.created.backend = None;
+        }
+        (stats, destroyed)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown().1 {
+            warn!("cleanup: {e}");
+        }
+    }
+}
+
+/// The backing store, the VDUSE device and its queues, and the message loop (which must
+/// run before the device goes on the bus).
+fn create<'a>(
+    o: &ServeOptions,
+    control: &'a ControlFd,
+    version: ApiVersion,
+    nl: Option<VdpaNetlink>,
+    name_buf: [u8; u::VDUSE_NAME_MAX],
+) -> Result<Serving<'a>, DaemonError> {
+    // May create a file; removed again if the start fails.
     let backend = Arc::new(Backend::open(&o.backing)?);
-    let mut created = Created {
-        control: &control,
-        name: name_buf,
-        backend: Some(Arc::clone(&backend)),
-        device: false,
+    let mut s = Serving {
+        name: o.name.clone(),
+        nl,
+        attached: false,
+        served: false,
+        events: None,
+        lp: None,
+        dev: None,
+        created: Created {
+            control,
+            name: name_buf,
+            backend: Some(Arc::clone(&backend)),
+            device: false,
+        },
     };
-
-    // 3. The VDUSE device.
     let queue_size = o.queue_size as u16; // validated <= 32768
     let blk = BlkConfig::new(BlkGeometry {
         capacity_sectors: backend.capacity / 512,
@@ -360,28 +468,9 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
         queue_size,
         read_only: backend.read_only,
     });
-    let config = blk.to_bytes();
-    let (ngroups, nas) = match negotiated.version {
-        ApiVersion::V0 => (0, 0),
-        ApiVersion::V1 => (1, 1),
-    };
-    let header = u::VduseDevConfig {
-        name: name_buf,
-        vendor_id: 0,
-        device_id: vf::VIRTIO_ID_BLOCK,
-        features: blk.features(),
-        vq_num: u32::from(o.queues),
-        // A power of two in [4, 4096] (7.2 requires it); the split-ring alignment.
-        vq_align: 4096,
-        ngroups,
-        nas,
-        config_size: config.len() as u32,
-        ..Default::default()
-    };
-    let buf =
-        u::DevConfigBuf::new(&header, &config).map_err(|e| DaemonError::Params(e.to_string()))?;
+    let buf = dev_config(&blk, o.queues, version, name_buf)?;
     match control.create_dev(&buf) {
-        Ok(()) => created.device = true,
+        Ok(()) => s.created.device = true,
         Err(Errno::EEXIST) => return Err(DaemonError::NameTaken(o.name.clone())),
         Err(errno) => {
             return Err(DaemonError::Ioctl {
@@ -391,6 +480,7 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
         }
     }
     let dev = Arc::new(DeviceFd::open(&o.name).map_err(io_err("cannot open the VDUSE device"))?);
+    s.dev = Some(Arc::clone(&dev));
     for q in 0..u32::from(o.queues) {
         dev.vq_setup(q, queue_size, 0)
             .map_err(|errno| DaemonError::Ioctl {
@@ -398,139 +488,169 @@ pub fn serve(o: &ServeOptions, signals: &SignalFd) -> Result<ServeReport, Daemon
                 errno,
             })?;
     }
+    start_loop(o, &mut s, dev, backend, blk.features())?;
+    Ok(s)
+}
 
-    // 4. The message loop, before the device goes on the bus.
+/// The `VDUSE_CREATE_DEV` argument.
+fn dev_config(
+    blk: &BlkConfig,
+    queues: u16,
+    version: ApiVersion,
+    name: [u8; u::VDUSE_NAME_MAX],
+) -> Result<u::DevConfigBuf, DaemonError> {
+    let config = blk.to_bytes();
+    let (ngroups, nas) = match version {
+        ApiVersion::V0 => (0, 0),
+        ApiVersion::V1 => (1, 1),
+    };
+    let header = u::VduseDevConfig {
+        name,
+        vendor_id: 0,
+        device_id: vf::VIRTIO_ID_BLOCK,
+        features: blk.features(),
+        vq_num: u32::from(queues),
+        // A power of two in [4, 4096] (7.2 requires it); the split-ring alignment.
+        vq_align: 4096,
+        ngroups,
+        nas,
+        config_size: config.len() as u32,
+        ..Default::default()
+    };
+    u::DevConfigBuf::new(&header, &config).map_err(|e| DaemonError::Params(e.to_string()))
+}
+
+/// Start the control thread for `dev`.
+fn start_loop(
+    o: &ServeOptions,
+    s: &mut Serving<'_>,
+    dev: Arc<DeviceFd>,
+    backend: Arc<Backend>,
+    offered_features: u64,
+) -> Result<(), DaemonError> {
     let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
-    let s = o.serial.as_deref().unwrap_or(&o.name).as_bytes();
-    let n = s.len().min(VIRTIO_BLK_ID_BYTES);
-    serial[..n].copy_from_slice(&s[..n]);
-    let io = Arc::new(DeviceIo {
-        backend: Arc::clone(&backend),
-        serial,
-    });
+    let id = o.serial.as_deref().unwrap_or(&o.name).as_bytes();
+    let n = id.len().min(VIRTIO_BLK_ID_BYTES);
+    serial[..n].copy_from_slice(&id[..n]);
+    let io = Arc::new(DeviceIo { backend, serial });
     let cpus = if o.cpus.is_empty() {
         allowed_cpus()
     } else {
         o.cpus.clone()
     };
-    let (tx, rx) = unbounded();
-    let lp = spawn_loop(
-        Arc::clone(&dev),
-        io,
-        LoopConfig {
-            name: o.name.clone(),
-            num_queues: o.queues,
-            max_queue_size: queue_size,
-            offered_features: blk.features(),
-            cpus,
-        },
-        tx,
-    )
-    .map_err(io_err("cannot start the control thread"))?;
-
-    // 5. Attach, then say ready.
-    let mut attached = false;
-    let mut served = false;
-    let result = (|| {
-        let dev_path = match (o.attach, &nl) {
-            (AttachMode::None, _) | (_, None) => "-".to_string(),
-            (mode, Some(nl)) => {
-                let (mine, other) = match mode {
-                    AttachMode::Virtio => ("virtio_vdpa", "vhost_vdpa"),
-                    _ => ("vhost_vdpa", "virtio_vdpa"),
-                };
-                // With both bus drivers loaded, keep the other from grabbing the device.
-                let steer = sysfs::vdpa_driver_loaded(other);
-                let autoprobe = if steer {
-                    Some(
-                        sysfs::set_autoprobe(false)
-                            .map_err(io_err("cannot set drivers_autoprobe"))?,
-                    )
-                } else {
-                    None
-                };
-                let added = nl.dev_add(&o.name);
-                if let Some(was) = autoprobe {
-                    if let Err(e) = sysfs::set_autoprobe(was) {
-                        warn!("cannot restore drivers_autoprobe: {e}");
-                    }
-                }
-                added?;
-                attached = true;
-                if steer || mode == AttachMode::Vhost {
-                    sysfs::bind(&o.name, mine).map_err(io_err("cannot bind the vdpa device"))?;
-                }
-                if mode == AttachMode::Virtio {
-                    sysfs::wait_block_device(&o.name, BLOCK_DEVICE_DEADLINE)
-                        .ok_or_else(|| {
-                            DaemonError::Attach(format!(
-                                "{} did not become a block device within {}s",
-                                o.name,
-                                BLOCK_DEVICE_DEADLINE.as_secs()
-                            ))
-                        })?
-                        .display()
-                        .to_string()
-                } else {
-                    "-".to_string()
-                }
-            }
-        };
-        let mut out = io::stdout().lock();
-        writeln!(out, "ready name={} dev={dev_path}", o.name)
-            .and_then(|_| out.flush())
-            .map_err(io_err("cannot write the ready line"))?;
-        // From here on the file holds the user's data: never remove it.
-        served = true;
-        wait_for_end(signals, &rx)
-    })();
-
-    // 6. Teardown, in reverse. With --attach none the user may have attached the device
-    // by hand: detach whatever is on the bus.
-    if attached || sysfs::on_vdpa_bus(&o.name) {
-        let detached = match &nl {
-            Some(nl) => nl.dev_del(&o.name),
-            None => VdpaNetlink::connect().and_then(|nl| nl.dev_del(&o.name)),
-        };
-        if let Err(e) = detached {
-            warn!("detach: {e}");
-        }
-    }
-    let stats = lp.stop();
-    drop(dev);
-    let destroyed = created.destroy();
-    if served {
-        // The device was usable: a file it created holds data now, whatever happens next.
-        created.backend = None;
-    }
-    result?;
-    destroyed?;
-    Ok(ServeReport { stats })
+    let (tx, rx) = event_channel().map_err(io_err("cannot create the event channel"))?;
+    let cfg = LoopConfig {
+        name: o.name.clone(),
+        num_queues: o.queues,
+        max_queue_size: o.queue_size as u16,
+        offered_features,
+        cpus,
+    };
+    let workers = VduseWorkers::new(Arc::clone(&dev), io);
+    let lp =
+        spawn_loop(dev, workers, cfg, tx).map_err(io_err("cannot start the control thread"))?;
+    s.lp = Some(lp);
+    s.events = Some(rx);
+    Ok(())
 }
 
-/// Block until a termination signal or a fatal device event.
-fn wait_for_end(signals: &SignalFd, events: &Receiver<LoopEvent>) -> Result<(), DaemonError> {
+/// Attach, print the ready line, and serve until a signal or a fatal event.
+fn attach_and_wait(
+    o: &ServeOptions,
+    s: &mut Serving<'_>,
+    signals: &SignalFd,
+) -> Result<(), DaemonError> {
+    let dev_path = match (o.attach, s.nl.as_ref()) {
+        (AttachMode::None, _) | (_, None) => "-".to_string(),
+        (mode, Some(nl)) => attach(&o.name, mode, nl, &mut s.attached)?,
+    };
+    let mut out = io::stdout().lock();
+    writeln!(out, "ready name={} dev={dev_path}", o.name)
+        .and_then(|_| out.flush())
+        .map_err(io_err("cannot write the ready line"))?;
+    drop(out);
+    // From here on the file holds the user's data: never remove it.
+    s.served = true;
+    let events = s.events.as_ref().expect("the loop runs before attaching");
+    wait_for_end(signals, events)
+}
+
+/// Put the device on the vdpa bus for `mode`'s driver; the block device's path (virtio)
+/// or "-". Sets `attached` as soon as the device is on the bus.
+fn attach(
+    name: &str,
+    mode: AttachMode,
+    nl: &VdpaNetlink,
+    attached: &mut bool,
+) -> Result<String, DaemonError> {
+    let (mine, other) = match mode {
+        AttachMode::Virtio => ("virtio_vdpa", "vhost_vdpa"),
+        _ => ("vhost_vdpa", "virtio_vdpa"),
+    };
+    // With both bus drivers loaded, keep the other from grabbing the device.
+    let steer = sysfs::vdpa_driver_loaded(other);
+    let autoprobe = if steer {
+        Some(sysfs::set_autoprobe(false).map_err(io_err("cannot set drivers_autoprobe"))?)
+    } else {
+        None
+    };
+    let added = nl.dev_add(name);
+    if let Some(was) = autoprobe {
+        if let Err(e) = sysfs::set_autoprobe(was) {
+            warn!("cannot restore drivers_autoprobe: {e}");
+        }
+    }
+    added?;
+    *attached = true;
+    if steer || mode == AttachMode::Vhost {
+        sysfs::bind(name, mine).map_err(io_err("cannot bind the vdpa device"))?;
+    }
+    if mode != AttachMode::Virtio {
+        return Ok("-".to_string());
+    }
+    let path = sysfs::wait_block_device(name, BLOCK_DEVICE_DEADLINE).ok_or_else(|| {
+        DaemonError::Attach(format!(
+            "{name} did not become a block device within {}s",
+            BLOCK_DEVICE_DEADLINE.as_secs()
+        ))
+    })?;
+    Ok(path.display().to_string())
+}
+
+/// Block until a termination signal or a fatal device event. Sleeps in `poll` on the
+/// signalfd and the event channel's eventfd: no timeout.
+fn wait_for_end(signals: &SignalFd, events: &EventReceiver) -> Result<(), DaemonError> {
     loop {
-        if let Ok(ev) = events.try_recv() {
+        if let Some(ev) = events.try_recv() {
             return Err(match ev {
                 LoopEvent::Broken(s) | LoopEvent::Failed(s) => DaemonError::Broken(s),
             });
         }
-        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(200u16)) {
-            Ok(0) => continue,
-            Ok(_) => {
-                if let Ok(Some(sig)) = signals.read_signal() {
-                    info!("signal {}: shutting down", sig.ssi_signo);
-                    return Ok(());
-                }
-            }
+        let mut fds = [
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(events.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
             Err(Errno::EINTR) => continue,
             Err(e) => {
                 return Err(DaemonError::Io {
                     what: "poll",
                     source: e.into(),
                 })
+            }
+        }
+        let readable = |f: &PollFd| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        if readable(&fds[1]) {
+            // Cleared before the next try_recv: every event sent after this wakes us again.
+            // A fatal event wins over a signal that arrived with it.
+            events.clear();
+            continue;
+        }
+        if readable(&fds[0]) {
+            if let Ok(Some(sig)) = signals.read_signal() {
+                info!("signal {}: shutting down", sig.ssi_signo);
+                return Ok(());
             }
         }
     }
@@ -633,6 +753,54 @@ mod tests {
             attach: AttachMode::Virtio,
             api_version: None,
         }
+    }
+
+    fn no_signals() -> SignalFd {
+        SignalFd::new(&nix::sys::signal::SigSet::empty()).unwrap()
+    }
+
+    #[test]
+    fn serve_reports_the_users_mistake_before_the_kernel() {
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts();
+        o.backing.path = d.path().join("missing.img");
+        let e = serve(&o, &no_signals()).unwrap_err();
+        assert!(
+            matches!(e, DaemonError::Backend(BackendError::NotFound(_))),
+            "{e}"
+        );
+        o.backing.path = d.path().join("no-dir").join("x.img");
+        o.backing.size = Some(1 << 20);
+        let e = serve(&o, &no_signals()).unwrap_err();
+        assert!(
+            matches!(e, DaemonError::Backend(BackendError::Open { .. })),
+            "{e}"
+        );
+        o.name = "vq0".into();
+        let e = serve(&o, &no_signals()).unwrap_err();
+        assert!(matches!(e, DaemonError::Name(_)), "name first: {e}");
+        o = opts();
+        o.backing.path = d.path().join("missing.img");
+        o.queue_size = 100;
+        let e = serve(&o, &no_signals()).unwrap_err();
+        assert!(matches!(e, DaemonError::Params(_)), "params first: {e}");
+    }
+
+    #[test]
+    fn serve_without_vduse_creates_no_backing_file() {
+        if Path::new(CONTROL_PATH).exists() {
+            return; // A machine with VDUSE would go on to create the device.
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut o = opts();
+        o.backing.path = d.path().join("new.img");
+        o.backing.size = Some(1 << 20);
+        let e = serve(&o, &no_signals()).unwrap_err();
+        assert!(
+            matches!(e, DaemonError::ModuleMissing { module: "vduse" }),
+            "{e}"
+        );
+        assert!(!o.backing.path.exists(), "nothing is left behind");
     }
 
     #[test]

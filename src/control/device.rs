@@ -12,15 +12,23 @@
 //!   dropped *before* the reply, and re-created at the next DRIVER_OK;
 //! - `UPDATE_IOTLB` means "every cached mapping is stale": workers are quiesced (in-flight I/O
 //!   completed) and restarted with empty mappings before the reply.
+//!
+//! The loop reaches the device only through [`DeviceOps`] (the real one is
+//! [`DeviceFd`]) and starts workers only through [`QueueWorkers`] (the real one is
+//! [`VduseWorkers`]), so it is unit-tested against a scripted fake device. It never wakes on a
+//! timer: it sleeps in `poll` on the device fd, its stop eventfd and an eventfd every worker
+//! signals as it ends ([`ExitToken`]).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
+use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
@@ -29,12 +37,121 @@ use crate::memory::{IovaRegion, RegionSource};
 use crate::metrics::QueueStats;
 use crate::uapi::vduse as u;
 use crate::uapi::virtio as vf;
-use crate::worker::{self, DeviceIo, QueueEdge, QueueSetup, WorkerError, WorkerHandle};
+use crate::worker::{
+    self, DeviceIo, QueueEdge, QueueSetup, WorkerError, WorkerExit, WorkerHandle, WorkerOptions,
+};
+
+/// The operations on `/dev/vduse/NAME` that the message loop uses. [`DeviceFd`] is the real
+/// one; the unit tests drive the loop with a scripted fake.
+pub trait DeviceOps: Send + Sync + 'static {
+    /// The fd to poll: readable when a request is pending, POLLERR/POLLHUP when the kernel
+    /// marked the device broken.
+    fn poll_fd(&self) -> BorrowedFd<'_>;
+    /// Read one request (called after poll reported it readable).
+    fn read_request(&self) -> io::Result<u::VduseDevRequest>;
+    /// Write one reply.
+    fn write_response(&self, resp: &u::VduseDevResponse) -> io::Result<()>;
+    /// `VDUSE_DEV_GET_FEATURES`: the features the driver negotiated.
+    fn driver_features(&self) -> Result<u64, Errno>;
+    /// `VDUSE_VQ_GET_INFO`.
+    fn vq_info(&self, index: u32) -> Result<u::VduseVqInfo, Errno>;
+    /// `VDUSE_VQ_SETUP_KICKFD`: the kernel takes its own reference on `fd`.
+    fn set_kickfd(&self, index: u32, fd: RawFd) -> Result<(), Errno>;
+}
+
+/// A running queue worker as the loop sees it.
+pub trait QueueWorker {
+    /// Queue index.
+    fn index(&self) -> u16;
+    /// Ask it to finish in-flight requests and exit (without waiting).
+    fn request_stop(&self);
+    /// Stop it and wait for it.
+    fn stop(self) -> Result<WorkerExit, WorkerError>;
+}
+
+impl QueueWorker for WorkerHandle {
+    fn index(&self) -> u16 {
+        WorkerHandle::index(self)
+    }
+
+    fn request_stop(&self) {
+        WorkerHandle::request_stop(self)
+    }
+
+    fn stop(self) -> Result<WorkerExit, WorkerError> {
+        WorkerHandle::stop(self)
+    }
+}
+
+/// Starts queue workers for the loop. [`VduseWorkers`] is the real one.
+pub trait QueueWorkers: Send + 'static {
+    /// What a started worker is.
+    type Worker: QueueWorker;
+    /// Start a worker for `setup` that reads kicks from `kick`. `exit` must be moved into
+    /// the worker and dropped only when it ends: that is how the loop learns that a worker
+    /// stopped without being asked (a corrupt ring).
+    fn start(
+        &mut self,
+        setup: QueueSetup,
+        kick: OwnedFd,
+        opts: WorkerOptions,
+        exit: ExitToken,
+    ) -> io::Result<Self::Worker>;
+}
+
+/// Dropped by a worker as it ends: marks it ended and wakes the message loop.
+pub struct ExitToken {
+    ended: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+}
+
+impl Drop for ExitToken {
+    fn drop(&mut self) {
+        self.ended.store(true, Ordering::SeqCst);
+        if let Err(e) = self.wake.write(1) {
+            warn!("cannot wake the message loop after a worker ended: {e}");
+        }
+    }
+}
+
+/// The real workers: [`worker::spawn`] threads whose edges are the VDUSE device.
+pub struct VduseWorkers {
+    dev: Arc<DeviceFd>,
+    io: Arc<DeviceIo>,
+}
+
+impl VduseWorkers {
+    /// Workers on `dev` serving `io`.
+    pub fn new(dev: Arc<DeviceFd>, io: Arc<DeviceIo>) -> Self {
+        VduseWorkers { dev, io }
+    }
+}
+
+impl QueueWorkers for VduseWorkers {
+    type Worker = WorkerHandle;
+
+    fn start(
+        &mut self,
+        setup: QueueSetup,
+        kick: OwnedFd,
+        opts: WorkerOptions,
+        exit: ExitToken,
+    ) -> io::Result<WorkerHandle> {
+        let edge = VduseEdge {
+            dev: Arc::clone(&self.dev),
+            index: u32::from(setup.index),
+            _exit: exit,
+        };
+        worker::spawn(setup, Arc::clone(&self.io), edge, kick, opts)
+    }
+}
 
 /// The VDUSE edges of a worker: IOTLB lookups and interrupt injection.
 pub struct VduseEdge {
     dev: Arc<DeviceFd>,
     index: u32,
+    /// Dropped with the edge, i.e. when the worker ends.
+    _exit: ExitToken,
 }
 
 impl RegionSource for VduseEdge {
@@ -89,6 +206,68 @@ pub enum LoopEvent {
     Failed(String),
 }
 
+/// The sending side of the loop's event channel: every event also signals an eventfd, so
+/// the receiver can sleep in `poll` next to other fds (a channel has no fd of its own).
+#[derive(Clone)]
+pub struct EventSender {
+    tx: Sender<LoopEvent>,
+    ready: Arc<EventFd>,
+}
+
+impl EventSender {
+    /// Queue `ev`, then wake the receiver.
+    pub fn send(&self, ev: LoopEvent) {
+        // Send first: a receiver woken by the eventfd must find the event in the channel.
+        let _ = self.tx.send(ev);
+        if let Err(e) = self.ready.write(1) {
+            warn!("cannot signal a control-thread event: {e}");
+        }
+    }
+}
+
+/// The receiving side of the loop's event channel.
+pub struct EventReceiver {
+    rx: Receiver<LoopEvent>,
+    ready: Arc<EventFd>,
+}
+
+impl EventReceiver {
+    /// The next queued event, if any.
+    pub fn try_recv(&self) -> Option<LoopEvent> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Poll this for POLLIN: readable when an event was sent since the last [`Self::clear`].
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.ready.as_fd()
+    }
+
+    /// Reset the readiness (call before draining with [`Self::try_recv`]).
+    pub fn clear(&self) {
+        // EAGAIN: nothing was pending; the eventfd is non-blocking.
+        let _ = self.ready.read();
+    }
+}
+
+/// A new event channel.
+pub fn event_channel() -> io::Result<(EventSender, EventReceiver)> {
+    let ready = Arc::new(nonblocking_eventfd()?);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    Ok((
+        EventSender {
+            tx,
+            ready: Arc::clone(&ready),
+        },
+        EventReceiver { rx, ready },
+    ))
+}
+
+fn nonblocking_eventfd() -> io::Result<EventFd> {
+    Ok(EventFd::from_flags(
+        EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+    )?)
+}
+
 /// A running control thread.
 pub struct LoopHandle {
     stop: Arc<EventFd>,
@@ -121,32 +300,21 @@ impl Drop for LoopHandle {
 /// Start the control thread. It must be running before the device is added to the vdpa bus:
 /// the kernel probes the driver synchronously inside `VDPA_CMD_DEV_NEW` and waits for our
 /// replies.
-pub fn spawn_loop(
-    dev: Arc<DeviceFd>,
-    io: Arc<DeviceIo>,
+pub fn spawn_loop<D: DeviceOps, W: QueueWorkers>(
+    dev: Arc<D>,
+    workers: W,
     cfg: LoopConfig,
-    events: Sender<LoopEvent>,
+    events: EventSender,
 ) -> io::Result<LoopHandle> {
-    let stop = Arc::new(EventFd::from_flags(
-        EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
-    )?);
+    let stop = Arc::new(nonblocking_eventfd()?);
     let stop2 = Arc::clone(&stop);
+    let worker_exit = Arc::new(nonblocking_eventfd()?);
     let join = std::thread::Builder::new()
         .name(format!("{}-ctl", short(&cfg.name)))
         .spawn(move || {
-            let mut l = MessageLoop {
-                dev,
-                io,
-                saved: vec![None; usize::from(cfg.num_queues)],
-                cfg,
-                status: 0,
-                workers: Vec::new(),
-                stats: QueueStats::default(),
-                events,
-                broken: false,
-            };
+            let mut l = MessageLoop::new(dev, workers, cfg, events, worker_exit);
             if let Err(e) = l.run(&stop2) {
-                let _ = l.events.send(LoopEvent::Failed(e.to_string()));
+                l.events.send(LoopEvent::Failed(e.to_string()));
             }
             l.stop_workers(false);
             l.stats
@@ -161,50 +329,77 @@ fn short(name: &str) -> String {
     name.chars().take(10).collect()
 }
 
-struct MessageLoop {
-    dev: Arc<DeviceFd>,
-    io: Arc<DeviceIo>,
+/// A started worker and the flag its [`ExitToken`] sets when it ends.
+struct Running<H> {
+    handle: H,
+    ended: Arc<AtomicBool>,
+}
+
+struct MessageLoop<D: DeviceOps, W: QueueWorkers> {
+    dev: Arc<D>,
+    spawner: W,
     cfg: LoopConfig,
     status: u8,
-    workers: Vec<WorkerHandle>,
+    workers: Vec<Running<W::Worker>>,
+    /// Signalled by every [`ExitToken`] as its worker ends.
+    worker_exit: Arc<EventFd>,
     /// Ring positions (next_avail, next_used) saved by a quiesce, per queue.
     saved: Vec<Option<(u16, u16)>>,
     stats: QueueStats,
-    events: Sender<LoopEvent>,
+    events: EventSender,
     broken: bool,
 }
 
-const POLL_MS: u16 = 200;
+/// What one `poll` of the loop found.
+struct Ready {
+    request: bool,
+    broken: bool,
+    stop: bool,
+    worker_exit: bool,
+}
 
-impl MessageLoop {
+impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
+    fn new(
+        dev: Arc<D>,
+        spawner: W,
+        cfg: LoopConfig,
+        events: EventSender,
+        worker_exit: Arc<EventFd>,
+    ) -> Self {
+        MessageLoop {
+            dev,
+            spawner,
+            saved: vec![None; usize::from(cfg.num_queues)],
+            cfg,
+            status: 0,
+            workers: Vec::new(),
+            worker_exit,
+            stats: QueueStats::default(),
+            events,
+            broken: false,
+        }
+    }
+
+    /// Serve messages until `stop` is signalled (Ok) or the device fails (Err).
     fn run(&mut self, stop: &EventFd) -> io::Result<()> {
         loop {
-            let (dev_ready, dev_err, stop_ready) = {
-                let mut fds = [
-                    PollFd::new(self.dev.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-                ];
-                match poll(&mut fds, PollTimeout::from(POLL_MS)) {
-                    Ok(_) => {}
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                let d = fds[0].revents().unwrap_or(PollFlags::empty());
-                let s = fds[1].revents().unwrap_or(PollFlags::empty());
-                (
-                    d.contains(PollFlags::POLLIN),
-                    d.intersects(PollFlags::POLLERR | PollFlags::POLLHUP),
-                    s.contains(PollFlags::POLLIN),
-                )
+            let ready = match self.wait(stop) {
+                Ok(r) => r,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
             };
-            if stop_ready {
+            if ready.stop {
                 return Ok(());
             }
-            if dev_ready {
+            if ready.worker_exit {
+                // EAGAIN: already drained; the eventfd is non-blocking.
+                let _ = self.worker_exit.read();
+            }
+            if ready.request {
                 let req = self.dev.read_request()?;
                 let resp = self.handle(&req);
                 self.dev.write_response(&resp)?;
-            } else if dev_err {
+            } else if ready.broken {
                 return Err(io::Error::other(
                     "the kernel marked the VDUSE device broken (a reply timed out)",
                 ));
@@ -213,22 +408,31 @@ impl MessageLoop {
         }
     }
 
+    /// Sleep until a request, a stop, a worker's end or a broken device; no timeout.
+    fn wait(&self, stop: &EventFd) -> Result<Ready, Errno> {
+        let mut fds = [
+            PollFd::new(self.dev.poll_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.worker_exit.as_fd(), PollFlags::POLLIN),
+        ];
+        poll(&mut fds, PollTimeout::NONE)?;
+        let got =
+            |i: usize, f: PollFlags| fds[i].revents().unwrap_or(PollFlags::empty()).intersects(f);
+        Ok(Ready {
+            request: got(0, PollFlags::POLLIN),
+            broken: got(0, PollFlags::POLLERR | PollFlags::POLLHUP),
+            stop: got(1, PollFlags::POLLIN),
+            worker_exit: got(2, PollFlags::POLLIN),
+        })
+    }
+
     /// Workers that ended without being asked: a corrupt ring.
     fn reap_dead_workers(&mut self) {
         let mut i = 0;
         while i < self.workers.len() {
-            if self.workers[i].is_finished() {
+            if self.workers[i].ended.load(Ordering::SeqCst) {
                 let w = self.workers.swap_remove(i);
-                match w.stop() {
-                    Ok(exit) => self.stats.merge(&exit.stats),
-                    Err(e) => {
-                        if let WorkerError::Broken { stats, .. } = &e {
-                            self.stats.merge(stats);
-                        }
-                        self.broken = true;
-                        let _ = self.events.send(LoopEvent::Broken(e.to_string()));
-                    }
-                }
+                self.collect(w.handle, false);
             } else {
                 i += 1;
             }
@@ -261,18 +465,11 @@ impl MessageLoop {
             u::VDUSE_UPDATE_IOTLB => {
                 let (start, last) = req.iova_range();
                 debug!("{}: UPDATE_IOTLB [{start:#x}, {last:#x}]", self.cfg.name);
-                // Every cached mapping may be stale: restart running workers with none.
-                if !self.workers.is_empty() {
-                    self.stop_workers(true);
-                    if let Err(e) = self.start_workers() {
-                        warn!(
-                            "{}: cannot restart queues after IOTLB update: {e}",
-                            self.cfg.name
-                        );
-                        return failed;
-                    }
+                if self.update_iotlb() {
+                    ok
+                } else {
+                    failed
                 }
-                ok
             }
             u::VDUSE_SET_VQ_GROUP_ASID => {
                 let (group, asid) = req.group_asid();
@@ -290,6 +487,22 @@ impl MessageLoop {
         }
     }
 
+    /// Every cached mapping may be stale: restart running workers with none.
+    fn update_iotlb(&mut self) -> bool {
+        if self.workers.is_empty() {
+            return true;
+        }
+        self.stop_workers(true);
+        if let Err(e) = self.start_workers() {
+            warn!(
+                "{}: cannot restart queues after IOTLB update: {e}",
+                self.cfg.name
+            );
+            return false;
+        }
+        true
+    }
+
     /// Act on a status change; false refuses it.
     fn set_status(&mut self, status: u8) -> bool {
         let was = self.status;
@@ -303,25 +516,11 @@ impl MessageLoop {
             self.stop_workers(false);
             return true;
         }
-        if status & vf::STATUS_FEATURES_OK != 0 && was & vf::STATUS_FEATURES_OK == 0 {
-            match self.dev.driver_features() {
-                Ok(f) => {
-                    let unknown = f & !self.cfg.offered_features;
-                    let needed = vf::feature_mask(vf::VIRTIO_F_VERSION_1)
-                        | vf::feature_mask(vf::VIRTIO_F_ACCESS_PLATFORM);
-                    if unknown != 0 || f & needed != needed {
-                        warn!(
-                            "{}: refusing driver features {f:#x} (unknown {unknown:#x})",
-                            self.cfg.name
-                        );
-                        return false;
-                    }
-                }
-                Err(e) => {
-                    warn!("{}: cannot read driver features: {e}", self.cfg.name);
-                    return false;
-                }
-            }
+        if status & vf::STATUS_FEATURES_OK != 0
+            && was & vf::STATUS_FEATURES_OK == 0
+            && !self.features_acceptable()
+        {
+            return false;
         }
         if status & vf::STATUS_DRIVER_OK != 0 && was & vf::STATUS_DRIVER_OK == 0 {
             if self.broken {
@@ -336,6 +535,29 @@ impl MessageLoop {
         true
     }
 
+    /// FEATURES_OK: the driver may only pick what we offered, and must pick VERSION_1 and
+    /// ACCESS_PLATFORM.
+    fn features_acceptable(&self) -> bool {
+        let f = match self.dev.driver_features() {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("{}: cannot read driver features: {e}", self.cfg.name);
+                return false;
+            }
+        };
+        let unknown = f & !self.cfg.offered_features;
+        let needed = vf::feature_mask(vf::VIRTIO_F_VERSION_1)
+            | vf::feature_mask(vf::VIRTIO_F_ACCESS_PLATFORM);
+        if unknown != 0 || f & needed != needed {
+            warn!(
+                "{}: refusing driver features {f:#x} (unknown {unknown:#x})",
+                self.cfg.name
+            );
+            return false;
+        }
+        true
+    }
+
     fn vq_state(&mut self, index: u32) -> Option<u16> {
         if index >= u32::from(self.cfg.num_queues) {
             return None;
@@ -344,10 +566,10 @@ impl MessageLoop {
         if let Some(pos) = self
             .workers
             .iter()
-            .position(|w| u32::from(w.index()) == index)
+            .position(|w| u32::from(w.handle.index()) == index)
         {
             let w = self.workers.swap_remove(pos);
-            self.collect(w, true);
+            self.collect(w.handle, true);
         }
         if let Some((avail, _)) = self.saved[index as usize] {
             return Some(avail);
@@ -355,7 +577,7 @@ impl MessageLoop {
         self.dev.vq_info(index).ok().map(|i| i.split_avail_index())
     }
 
-    fn collect(&mut self, w: WorkerHandle, keep_position: bool) {
+    fn collect(&mut self, w: W::Worker, keep_position: bool) {
         let index = usize::from(w.index());
         match w.stop() {
             Ok(exit) => {
@@ -369,7 +591,7 @@ impl MessageLoop {
                     self.stats.merge(stats);
                 }
                 self.broken = true;
-                let _ = self.events.send(LoopEvent::Broken(e.to_string()));
+                self.events.send(LoopEvent::Broken(e.to_string()));
             }
         }
     }
@@ -377,10 +599,10 @@ impl MessageLoop {
     /// Stop every worker; with `keep_position`, remember where each stopped.
     fn stop_workers(&mut self, keep_position: bool) {
         for w in &self.workers {
-            w.request_stop();
+            w.handle.request_stop();
         }
         for w in std::mem::take(&mut self.workers) {
-            self.collect(w, keep_position);
+            self.collect(w.handle, keep_position);
         }
     }
 
@@ -393,48 +615,8 @@ impl MessageLoop {
                 // virtio-blk may use fewer queues than offered.
                 continue;
             }
-            let size = u16::try_from(info.num)
-                .ok()
-                .filter(|n| n.is_power_of_two() && *n <= self.cfg.max_queue_size)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("queue {q}: driver chose size {}", info.num),
-                    )
-                })?;
-            let (next_avail, next_used) = self.saved[usize::from(q)]
-                .unwrap_or((info.split_avail_index(), info.split_avail_index()));
-            let setup = QueueSetup {
-                index: q,
-                size,
-                max_size: self.cfg.max_queue_size,
-                desc_addr: info.desc_addr,
-                avail_addr: info.driver_addr,
-                used_addr: info.device_addr,
-                next_avail,
-                next_used,
-                event_idx,
-            };
-            let kick = new_eventfd()?;
-            // The kernel drops kick eventfds on every reset: install a fresh one each time.
-            self.dev
-                .set_kickfd(u32::from(q), kick.as_raw_fd())
-                .map_err(io::Error::from)?;
-            let edge = VduseEdge {
-                dev: Arc::clone(&self.dev),
-                index: u32::from(q),
-            };
-            let cpu = if self.cfg.cpus.is_empty() {
-                None
-            } else {
-                Some(self.cfg.cpus[usize::from(q) % self.cfg.cpus.len()])
-            };
-            let opts = worker::WorkerOptions {
-                cpu,
-                name: format!("{}-q{q}", short(&self.cfg.name)),
-            };
-            let handle = worker::spawn(setup, Arc::clone(&self.io), edge, kick, opts)?;
-            self.workers.push(handle);
+            let setup = self.queue_setup(q, &info, event_idx)?;
+            self.start_worker(setup)?;
             self.saved[usize::from(q)] = None;
         }
         info!(
@@ -444,7 +626,68 @@ impl MessageLoop {
         );
         Ok(())
     }
+
+    /// Where queue `q` is, from the driver's info and a position saved by a quiesce.
+    fn queue_setup(
+        &self,
+        q: u16,
+        info: &u::VduseVqInfo,
+        event_idx: bool,
+    ) -> io::Result<QueueSetup> {
+        let size = u16::try_from(info.num)
+            .ok()
+            .filter(|n| n.is_power_of_two() && *n <= self.cfg.max_queue_size)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("queue {q}: driver chose size {}", info.num),
+                )
+            })?;
+        let (next_avail, next_used) = self.saved[usize::from(q)]
+            .unwrap_or((info.split_avail_index(), info.split_avail_index()));
+        Ok(QueueSetup {
+            index: q,
+            size,
+            max_size: self.cfg.max_queue_size,
+            desc_addr: info.desc_addr,
+            avail_addr: info.driver_addr,
+            used_addr: info.device_addr,
+            next_avail,
+            next_used,
+            event_idx,
+        })
+    }
+
+    /// Install a fresh kick eventfd for the queue and start its worker.
+    fn start_worker(&mut self, setup: QueueSetup) -> io::Result<()> {
+        let q = setup.index;
+        let kick = new_eventfd()?;
+        // The kernel drops kick eventfds on every reset: install a fresh one each time.
+        self.dev
+            .set_kickfd(u32::from(q), kick.as_raw_fd())
+            .map_err(io::Error::from)?;
+        let cpu = if self.cfg.cpus.is_empty() {
+            None
+        } else {
+            Some(self.cfg.cpus[usize::from(q) % self.cfg.cpus.len()])
+        };
+        let opts = WorkerOptions {
+            cpu,
+            name: format!("{}-q{q}", short(&self.cfg.name)),
+        };
+        let ended = Arc::new(AtomicBool::new(false));
+        let exit = ExitToken {
+            ended: Arc::clone(&ended),
+            wake: Arc::clone(&self.worker_exit),
+        };
+        let handle = self.spawner.start(setup, kick, opts, exit)?;
+        self.workers.push(Running { handle, ended });
+        Ok(())
+    }
 }
 
 /// How long teardown waits for the kernel to release a device (EBUSY on destroy).
 pub const DESTROY_DEADLINE: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests;

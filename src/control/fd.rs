@@ -15,6 +15,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress};
 
 use super::api::ControlOps;
+use super::device::DeviceOps;
 use crate::memory::IovaRegion;
 use crate::uapi::vduse::{self as u, VduseDevRequest, VduseDevResponse, VDUSE_MSG_SIZE};
 
@@ -121,11 +122,6 @@ impl DeviceFd {
         self.file.as_raw_fd()
     }
 
-    /// Borrow the fd (for poll).
-    pub fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
-    }
-
     /// `VDUSE_VQ_SETUP`.
     pub fn vq_setup(&self, index: u32, max_size: u16, group: u32) -> Result<(), Errno> {
         let cfg = u::VduseVqConfig {
@@ -136,31 +132,6 @@ impl DeviceFd {
         };
         // SAFETY: the kernel reads one VduseVqConfig from a live local.
         unsafe { u::vduse_vq_setup(self.fd(), &cfg) }.map(drop)
-    }
-
-    /// `VDUSE_DEV_GET_FEATURES`: the features the driver negotiated.
-    pub fn driver_features(&self) -> Result<u64, Errno> {
-        let mut v = 0u64;
-        // SAFETY: the kernel writes one u64 into a live local.
-        unsafe { u::vduse_dev_get_features(self.fd(), &mut v) }?;
-        Ok(v)
-    }
-
-    /// `VDUSE_VQ_GET_INFO`.
-    pub fn vq_info(&self, index: u32) -> Result<u::VduseVqInfo, Errno> {
-        let mut info = u::VduseVqInfo::for_index(index);
-        // SAFETY: the kernel reads the index from and writes the info into a live local of
-        // the right size.
-        unsafe { u::vduse_vq_get_info(self.fd(), &mut info) }?;
-        Ok(info)
-    }
-
-    /// `VDUSE_VQ_SETUP_KICKFD`.
-    pub fn set_kickfd(&self, index: u32, fd: RawFd) -> Result<(), Errno> {
-        let ev = u::VduseVqEventfd { index, fd };
-        // SAFETY: the kernel reads one VduseVqEventfd from a live local; it takes its own
-        // reference on the eventfd.
-        unsafe { u::vduse_vq_setup_kickfd(self.fd(), &ev) }.map(drop)
     }
 
     /// `VDUSE_VQ_INJECT_IRQ`.
@@ -205,18 +176,21 @@ impl DeviceFd {
         unsafe { u::vduse_iotlb_get_info(self.fd(), &mut info) }?;
         Ok(info)
     }
+}
 
-    /// Read one control message; `Ok(None)` when none is pending (non-blocking fd semantics
-    /// are not used: call after poll reported readiness).
-    pub fn read_request(&self) -> io::Result<VduseDevRequest> {
+impl DeviceOps for DeviceFd {
+    fn poll_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    fn read_request(&self) -> io::Result<VduseDevRequest> {
         let mut buf = [0u8; VDUSE_MSG_SIZE];
         let n = (&self.file).read(&mut buf)?;
         VduseDevRequest::from_bytes(&buf[..n])
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short VDUSE message"))
     }
 
-    /// Write one reply.
-    pub fn write_response(&self, resp: &VduseDevResponse) -> io::Result<()> {
+    fn write_response(&self, resp: &VduseDevResponse) -> io::Result<()> {
         let bytes = resp.to_bytes();
         let n = (&self.file).write(&bytes)?;
         if n != bytes.len() {
@@ -226,6 +200,28 @@ impl DeviceFd {
             ));
         }
         Ok(())
+    }
+
+    fn driver_features(&self) -> Result<u64, Errno> {
+        let mut v = 0u64;
+        // SAFETY: the kernel writes one u64 into a live local.
+        unsafe { u::vduse_dev_get_features(self.fd(), &mut v) }?;
+        Ok(v)
+    }
+
+    fn vq_info(&self, index: u32) -> Result<u::VduseVqInfo, Errno> {
+        let mut info = u::VduseVqInfo::for_index(index);
+        // SAFETY: the kernel reads the index from and writes the info into a live local of
+        // the right size.
+        unsafe { u::vduse_vq_get_info(self.fd(), &mut info) }?;
+        Ok(info)
+    }
+
+    fn set_kickfd(&self, index: u32, fd: RawFd) -> Result<(), Errno> {
+        let ev = u::VduseVqEventfd { index, fd };
+        // SAFETY: the kernel reads one VduseVqEventfd from a live local; it takes its own
+        // reference on the eventfd.
+        unsafe { u::vduse_vq_setup_kickfd(self.fd(), &ev) }.map(drop)
     }
 }
 
@@ -262,4 +258,40 @@ pub fn new_eventfd() -> io::Result<OwnedFd> {
         nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
     )?;
     Ok(OwnedFd::from(efd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn over(fd: impl Into<OwnedFd>) -> DeviceFd {
+        DeviceFd {
+            file: File::from(fd.into()),
+            path: PathBuf::from("/dev/vduse/test"),
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_and_eof_is_an_error() {
+        let (rd, mut wr) = std::io::pipe().unwrap();
+        let dev = over(rd);
+        let mut req = VduseDevRequest {
+            req_type: u::VDUSE_SET_STATUS,
+            request_id: 42,
+            ..Default::default()
+        };
+        req.payload[0] = 0x0f;
+        wr.write_all(&req.to_bytes()).unwrap();
+        assert_eq!(dev.read_request().unwrap(), req);
+        drop(wr);
+        let e = dev.read_request().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+
+        let (mut rd, wr) = std::io::pipe().unwrap();
+        let resp = VduseDevResponse::new(42, u::VDUSE_REQ_RESULT_FAILED);
+        over(wr).write_response(&resp).unwrap();
+        let mut back = [0u8; VDUSE_MSG_SIZE];
+        rd.read_exact(&mut back).unwrap();
+        assert_eq!(VduseDevResponse::from_bytes(&back), Some(resp));
+    }
 }
