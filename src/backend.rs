@@ -344,38 +344,6 @@ mod tests {
     }
 
     #[test]
-    fn check_validates_without_creating() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("new.img");
-        spec(p.clone(), Some(1 << 20)).validate().unwrap();
-        assert!(!p.exists(), "check created the file");
-        assert!(matches!(
-            spec(p.clone(), None).validate(),
-            Err(BackendError::NotFound(_))
-        ));
-        assert!(matches!(
-            spec(p.clone(), Some(1000)).validate(),
-            Err(BackendError::Unaligned { .. })
-        ));
-        let orphan = d.path().join("no-such-dir/new.img");
-        assert!(matches!(
-            spec(orphan.clone(), Some(1 << 20)).validate(),
-            Err(BackendError::Open { .. })
-        ));
-        assert!(!orphan.exists());
-        std::fs::write(&p, vec![0u8; 4096]).unwrap();
-        spec(p.clone(), None).validate().unwrap();
-        assert!(matches!(
-            spec(p.clone(), Some(8192)).validate(),
-            Err(BackendError::SizeMismatch { .. })
-        ));
-        assert!(matches!(
-            spec(d.path().to_path_buf(), None).validate(),
-            Err(BackendError::WrongType(_))
-        ));
-    }
-
-    #[test]
     fn null_backing_has_a_capacity_and_no_file() {
         let b = Backend::null(1 << 30, 512).unwrap();
         assert!(b.is_null());

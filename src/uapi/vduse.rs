@@ -423,12 +423,7 @@ impl VduseDevRequest {
     /// Decode a request from the bytes `read(2)` returned. `None` if `bytes` is shorter than
     /// [`VDUSE_MSG_SIZE`]; extra bytes are ignored.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let bytes: &[u8; VDUSE_MSG_SIZE] = bytes.get(..VDUSE_MSG_SIZE)?.try_into().ok()?;
-        let mut r = ByteReader::new(bytes);
-        let req_type = r.u32();
-        let request_id = r.u32();
-        let reserved = std::array::from_fn(|_| r.u32());
-        let payload = std::array::from_fn(|_| r.u32());
+        let (req_type, request_id, reserved, payload) = decode_message(bytes)?;
         Some(Self {
             req_type,
             request_id,
@@ -439,16 +434,12 @@ impl VduseDevRequest {
 
     /// Encode the request as the kernel would (used by tests and simulators).
     pub fn to_bytes(&self) -> [u8; VDUSE_MSG_SIZE] {
-        let mut w = ByteWriter::<VDUSE_MSG_SIZE>::new();
-        w.u32(self.req_type);
-        w.u32(self.request_id);
-        for v in self.reserved {
-            w.u32(v);
-        }
-        for v in self.payload {
-            w.u32(v);
-        }
-        w.finish()
+        encode_message(
+            self.req_type,
+            self.request_id,
+            &self.reserved,
+            &self.payload,
+        )
     }
 
     fn payload_bytes(&self) -> [u8; 128] {
@@ -537,12 +528,7 @@ impl VduseDevResponse {
 
     /// Decode a response (used by tests and simulators). `None` if `bytes` is too short.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let bytes: &[u8; VDUSE_MSG_SIZE] = bytes.get(..VDUSE_MSG_SIZE)?.try_into().ok()?;
-        let mut r = ByteReader::new(bytes);
-        let request_id = r.u32();
-        let result = r.u32();
-        let reserved = std::array::from_fn(|_| r.u32());
-        let payload = std::array::from_fn(|_| r.u32());
+        let (request_id, result, reserved, payload) = decode_message(bytes)?;
         Some(Self {
             request_id,
             result,
@@ -553,17 +539,36 @@ impl VduseDevResponse {
 
     /// Encode the response for `write(2)`.
     pub fn to_bytes(&self) -> [u8; VDUSE_MSG_SIZE] {
-        let mut w = ByteWriter::<VDUSE_MSG_SIZE>::new();
-        w.u32(self.request_id);
-        w.u32(self.result);
-        for v in self.reserved {
-            w.u32(v);
-        }
-        for v in self.payload {
-            w.u32(v);
-        }
-        w.finish()
+        encode_message(self.request_id, self.result, &self.reserved, &self.payload)
     }
+}
+
+/// Requests and responses share one wire shape: two `u32`s, the reserved words, the payload.
+type Message<const R: usize, const P: usize> = (u32, u32, [u32; R], [u32; P]);
+
+fn decode_message<const R: usize, const P: usize>(bytes: &[u8]) -> Option<Message<R, P>> {
+    let bytes: &[u8; VDUSE_MSG_SIZE] = bytes.get(..VDUSE_MSG_SIZE)?.try_into().ok()?;
+    let mut r = ByteReader::new(bytes);
+    let a = r.u32();
+    let b = r.u32();
+    let reserved = std::array::from_fn(|_| r.u32());
+    let payload = std::array::from_fn(|_| r.u32());
+    Some((a, b, reserved, payload))
+}
+
+fn encode_message<const R: usize, const P: usize>(
+    a: u32,
+    b: u32,
+    reserved: &[u32; R],
+    payload: &[u32; P],
+) -> [u8; VDUSE_MSG_SIZE] {
+    let mut w = ByteWriter::<VDUSE_MSG_SIZE>::new();
+    w.u32(a);
+    w.u32(b);
+    for &v in reserved.iter().chain(payload) {
+        w.u32(v);
+    }
+    w.finish()
 }
 
 /// A `u32` whose in-memory bytes are `lo` followed by `hi` (two adjacent native `u16`s).
@@ -1050,6 +1055,22 @@ mod tests {
 
     use super::*;
 
+    /// `assert_layout!(T, SIZE; field: OFFSET, ...)`: the size of `T` and each field's
+    /// offset, as the kernel header has them.
+    macro_rules! assert_layout {
+        ($t:ty, $size:expr; $($f:ident: $off:expr),+ $(,)?) => {
+            assert_eq!(size_of::<$t>(), $size, "size of {}", stringify!($t));
+            assert_offsets!($t; $($f: $off),+);
+        };
+    }
+
+    /// `assert_offsets!(T; field: OFFSET, ...)`: each field's offset in `T`.
+    macro_rules! assert_offsets {
+        ($t:ty; $($f:ident: $off:expr),+ $(,)?) => {
+            $(assert_eq!(offset_of!($t, $f), $off, "{}.{}", stringify!($t), stringify!($f));)+
+        };
+    }
+
     /// Values printed by a C program compiled against Debian linux-libc-dev 7.2.13
     /// `linux/vduse.h` on x86_64 (`printf("0x%lx", VDUSE_...)`).
     #[test]
@@ -1179,97 +1200,73 @@ mod tests {
         assert_eq!(size_of::<VduseDevConfig>(), 336);
         assert_eq!(VduseDevConfig::SIZE, 336);
         assert_eq!(align_of::<VduseDevConfig>(), 8);
-        assert_eq!(offset_of!(VduseDevConfig, name), 0);
-        assert_eq!(offset_of!(VduseDevConfig, vendor_id), 256);
-        assert_eq!(offset_of!(VduseDevConfig, device_id), 260);
-        assert_eq!(offset_of!(VduseDevConfig, features), 264);
-        assert_eq!(offset_of!(VduseDevConfig, vq_num), 272);
-        assert_eq!(offset_of!(VduseDevConfig, vq_align), 276);
-        assert_eq!(offset_of!(VduseDevConfig, ngroups), 280);
-        assert_eq!(offset_of!(VduseDevConfig, nas), 284);
-        assert_eq!(offset_of!(VduseDevConfig, reserved), 288);
-        assert_eq!(offset_of!(VduseDevConfig, config_size), 332);
+        assert_offsets!(VduseDevConfig; name: 0, vendor_id: 256, device_id: 260, features: 264, vq_num: 272, vq_align: 276, ngroups: 280, nas: 284, reserved: 288, config_size: 332);
     }
 
     #[test]
     fn small_struct_layouts() {
-        assert_eq!(size_of::<VduseIotlbEntry>(), 32);
-        assert_eq!(offset_of!(VduseIotlbEntry, offset), 0);
-        assert_eq!(offset_of!(VduseIotlbEntry, start), 8);
-        assert_eq!(offset_of!(VduseIotlbEntry, last), 16);
-        assert_eq!(offset_of!(VduseIotlbEntry, perm), 24);
+        assert_layout!(VduseIotlbEntry, 32; offset: 0, start: 8, last: 16, perm: 24);
 
-        assert_eq!(size_of::<VduseConfigData>(), 8);
-        assert_eq!(offset_of!(VduseConfigData, offset), 0);
-        assert_eq!(offset_of!(VduseConfigData, length), 4);
+        assert_layout!(VduseConfigData, 8; offset: 0, length: 4);
 
-        assert_eq!(size_of::<VduseVqConfig>(), 32);
-        assert_eq!(offset_of!(VduseVqConfig, index), 0);
-        assert_eq!(offset_of!(VduseVqConfig, max_size), 4);
-        assert_eq!(offset_of!(VduseVqConfig, reserved1), 6);
-        assert_eq!(offset_of!(VduseVqConfig, group), 8);
-        assert_eq!(offset_of!(VduseVqConfig, reserved2), 12);
+        assert_layout!(VduseVqConfig, 32;
+            index: 0,
+            max_size: 4,
+            reserved1: 6,
+            group: 8,
+            reserved2: 12,
+        );
 
-        assert_eq!(size_of::<VduseVqStateSplit>(), 2);
-        assert_eq!(offset_of!(VduseVqStateSplit, avail_index), 0);
-        assert_eq!(size_of::<VduseVqStatePacked>(), 8);
-        assert_eq!(offset_of!(VduseVqStatePacked, last_avail_counter), 0);
-        assert_eq!(offset_of!(VduseVqStatePacked, last_avail_idx), 2);
-        assert_eq!(offset_of!(VduseVqStatePacked, last_used_counter), 4);
-        assert_eq!(offset_of!(VduseVqStatePacked, last_used_idx), 6);
+        assert_layout!(VduseVqStateSplit, 2; avail_index: 0);
+        assert_layout!(VduseVqStatePacked, 8;
+            last_avail_counter: 0,
+            last_avail_idx: 2,
+            last_used_counter: 4,
+            last_used_idx: 6,
+        );
 
-        assert_eq!(size_of::<VduseVqInfo>(), 48);
-        assert_eq!(offset_of!(VduseVqInfo, index), 0);
-        assert_eq!(offset_of!(VduseVqInfo, num), 4);
-        assert_eq!(offset_of!(VduseVqInfo, desc_addr), 8);
-        assert_eq!(offset_of!(VduseVqInfo, driver_addr), 16);
-        assert_eq!(offset_of!(VduseVqInfo, device_addr), 24);
-        assert_eq!(offset_of!(VduseVqInfo, state), 32);
-        assert_eq!(offset_of!(VduseVqInfo, ready), 40);
+        assert_layout!(VduseVqInfo, 48;
+            index: 0,
+            num: 4,
+            desc_addr: 8,
+            driver_addr: 16,
+            device_addr: 24,
+            state: 32,
+            ready: 40,
+        );
 
-        assert_eq!(size_of::<VduseVqEventfd>(), 8);
-        assert_eq!(offset_of!(VduseVqEventfd, index), 0);
-        assert_eq!(offset_of!(VduseVqEventfd, fd), 4);
+        assert_layout!(VduseVqEventfd, 8; index: 0, fd: 4);
 
-        assert_eq!(size_of::<VduseIovaUmem>(), 48);
-        assert_eq!(offset_of!(VduseIovaUmem, uaddr), 0);
-        assert_eq!(offset_of!(VduseIovaUmem, iova), 8);
-        assert_eq!(offset_of!(VduseIovaUmem, size), 16);
-        assert_eq!(offset_of!(VduseIovaUmem, asid), 24);
-        assert_eq!(offset_of!(VduseIovaUmem, reserved), 28);
+        assert_layout!(VduseIovaUmem, 48; uaddr: 0, iova: 8, size: 16, asid: 24, reserved: 28);
 
-        assert_eq!(size_of::<VduseIovaInfo>(), 48);
-        assert_eq!(offset_of!(VduseIovaInfo, start), 0);
-        assert_eq!(offset_of!(VduseIovaInfo, last), 8);
-        assert_eq!(offset_of!(VduseIovaInfo, capability), 16);
-        assert_eq!(offset_of!(VduseIovaInfo, asid), 24);
-        assert_eq!(offset_of!(VduseIovaInfo, reserved), 28);
+        assert_layout!(VduseIovaInfo, 48;
+            start: 0,
+            last: 8,
+            capability: 16,
+            asid: 24,
+            reserved: 28,
+        );
 
-        assert_eq!(size_of::<VduseIotlbEntryV2>(), 80);
-        assert_eq!(offset_of!(VduseIotlbEntryV2, offset), 0);
-        assert_eq!(offset_of!(VduseIotlbEntryV2, start), 8);
-        assert_eq!(offset_of!(VduseIotlbEntryV2, last), 16);
-        assert_eq!(offset_of!(VduseIotlbEntryV2, perm), 24);
-        assert_eq!(offset_of!(VduseIotlbEntryV2, padding), 25);
-        assert_eq!(offset_of!(VduseIotlbEntryV2, asid), 32);
-        assert_eq!(offset_of!(VduseIotlbEntryV2, reserved), 36);
+        assert_layout!(VduseIotlbEntryV2, 80;
+            offset: 0,
+            start: 8,
+            last: 16,
+            perm: 24,
+            padding: 25,
+            asid: 32,
+            reserved: 36,
+        );
     }
 
     #[test]
     fn message_layouts() {
         assert_eq!(size_of::<VduseDevRequest>(), 152);
         assert_eq!(align_of::<VduseDevRequest>(), 8);
-        assert_eq!(offset_of!(VduseDevRequest, req_type), 0);
-        assert_eq!(offset_of!(VduseDevRequest, request_id), 4);
-        assert_eq!(offset_of!(VduseDevRequest, reserved), 8);
-        assert_eq!(offset_of!(VduseDevRequest, payload), 24);
+        assert_offsets!(VduseDevRequest; req_type: 0, request_id: 4, reserved: 8, payload: 24);
 
         assert_eq!(size_of::<VduseDevResponse>(), 152);
         assert_eq!(align_of::<VduseDevResponse>(), 4);
-        assert_eq!(offset_of!(VduseDevResponse, request_id), 0);
-        assert_eq!(offset_of!(VduseDevResponse, result), 4);
-        assert_eq!(offset_of!(VduseDevResponse, reserved), 8);
-        assert_eq!(offset_of!(VduseDevResponse, payload), 24);
+        assert_offsets!(VduseDevResponse; request_id: 0, result: 4, reserved: 8, payload: 24);
     }
 
     fn request_bytes(req_type: u32, id: u32, payload: &[(usize, &[u8])]) -> [u8; 152] {
