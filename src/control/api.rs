@@ -6,12 +6,17 @@
 //!   switches that fd to v1, and a v0-style `CREATE_DEV` then fails with EINVAL;
 //! - use the highest version both sides speak, found by trying `SET_API_VERSION` from our
 //!   highest downwards (a kernel answers EINVAL for versions it does not know);
-//! - probe optional features by asking forgiveness: call `VDUSE_GET_FEATURES` and read
-//!   EINVAL/ENOTTY as "no optional features" — never assume an optional ioctl succeeds.
+//! - optional features as Linux 7.3 merged them ("if userspace can handle all failures
+//!   easily, just add an ioctl": no API version 2, no `vduse_features` field in
+//!   `vduse_dev_config`): call `VDUSE_GET_FEATURES` and read EINVAL/ENOTTY as "no optional
+//!   features" (what 6.12 and 7.2 answer), never a failed start; where it answers, enable
+//!   with `VDUSE_SET_FEATURES` exactly the subset we implement ([`SUPPORTED_FEATURES`]),
+//!   before any device is created.
 //!
-//! The kernel side is behind [`ControlOps`] so tests can play a 6.12 kernel (v0 only), a 7.2
-//! kernel (v1; GET switches the default) and a future kernel (v2 + features). Must not touch:
-//! device creation or anything on a device fd.
+//! The kernel side is behind [`ControlOps`] so tests can play Linux 6.12 (v0 only), 7.2 (v1;
+//! GET switches the default) and 7.3 (v1 + GET/SET_FEATURES offering QUEUE_READY and
+//! SUSPEND) as they behave, error codes included. Must not touch: device creation or
+//! anything on a device fd.
 
 use nix::errno::Errno;
 use serde::Serialize;
@@ -21,6 +26,10 @@ use thiserror::Error;
 pub const SUPPORTED_VERSIONS: [u64; 2] = [0, 1];
 /// The highest version a probe asks the kernel about (to report what it offers).
 pub const PROBE_MAX_VERSION: u64 = 4;
+/// The optional VDUSE features (bits of `VDUSE_GET_FEATURES`) this program implements and
+/// so enables. None yet: `VDUSE_F_QUEUE_READY` and `VDUSE_F_SUSPEND` (Linux 7.3) need the
+/// message loop to handle `VDUSE_SET_VQ_READY` and `VDUSE_SUSPEND` first.
+pub const SUPPORTED_FEATURES: u64 = 0;
 
 /// A negotiated VDUSE API version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -57,6 +66,8 @@ pub trait ControlOps {
     fn get_api_version(&mut self) -> Result<u64, Errno>;
     /// `VDUSE_GET_FEATURES` (optional; absent kernels answer EINVAL or ENOTTY).
     fn get_features(&mut self) -> Result<u64, Errno>;
+    /// `VDUSE_SET_FEATURES` (only called where `VDUSE_GET_FEATURES` answered).
+    fn set_features(&mut self, features: u64) -> Result<(), Errno>;
 }
 
 /// Why negotiation failed.
@@ -88,8 +99,10 @@ pub enum NegotiateError {
 pub struct Negotiated {
     /// The version in force on this control fd.
     pub version: ApiVersion,
-    /// Optional VDUSE feature bits (0 when the kernel has no `VDUSE_GET_FEATURES`).
+    /// Optional VDUSE feature bits the kernel offers (0 when it has no `VDUSE_GET_FEATURES`).
     pub features: u64,
+    /// The subset enabled with `VDUSE_SET_FEATURES` (offered ∩ [`SUPPORTED_FEATURES`]).
+    pub enabled: u64,
     /// Whether `VDUSE_GET_FEATURES` exists at all.
     pub features_ioctl: bool,
 }
@@ -108,6 +121,29 @@ pub fn probe_features(ops: &mut dyn ControlOps) -> Result<(u64, bool), Negotiate
             errno,
         }),
     }
+}
+
+/// Probe the optional features and, where the kernel has the ioctls, enable the ones we
+/// implement. A kernel that answers GET must answer SET too: its failure is an error.
+fn settle_features(
+    ops: &mut dyn ControlOps,
+    version: ApiVersion,
+) -> Result<Negotiated, NegotiateError> {
+    let (features, features_ioctl) = probe_features(ops)?;
+    let enabled = features & SUPPORTED_FEATURES;
+    if features_ioctl {
+        ops.set_features(enabled)
+            .map_err(|errno| NegotiateError::Ioctl {
+                op: "VDUSE_SET_FEATURES",
+                errno,
+            })?;
+    }
+    Ok(Negotiated {
+        version,
+        features,
+        enabled,
+        features_ioctl,
+    })
 }
 
 /// Set the highest common version explicitly, confirm it, and probe features.
@@ -142,12 +178,7 @@ pub fn negotiate(ops: &mut dyn ControlOps) -> Result<Negotiated, NegotiateError>
             got,
         });
     }
-    let (features, features_ioctl) = probe_features(ops)?;
-    Ok(Negotiated {
-        version,
-        features,
-        features_ioctl,
-    })
+    settle_features(ops, version)
 }
 
 /// Set exactly `version` (for `--api-version`); fails if the kernel or we do not speak it.
@@ -161,12 +192,7 @@ pub fn negotiate_exact(
             op: "VDUSE_SET_API_VERSION",
             errno,
         })?;
-    let (features, features_ioctl) = probe_features(ops)?;
-    Ok(Negotiated {
-        version: v,
-        features,
-        features_ioctl,
-    })
+    settle_features(ops, v)
 }
 
 /// Which versions the kernel accepts, from 0 to [`PROBE_MAX_VERSION`]. Leaves the fd set to
@@ -199,6 +225,8 @@ mod tests {
         not_asked_default: bool,
         version: Option<u64>,
         features: Option<u64>,
+        /// What SET_FEATURES enabled (7.3 only).
+        enabled: Option<u64>,
         /// errno for an unknown ioctl on the control fd (EINVAL in every kernel so far).
         unknown_ioctl: Errno,
         log: Vec<String>,
@@ -211,6 +239,7 @@ mod tests {
                 not_asked_default: false,
                 version: Some(0),
                 features: None,
+                enabled: None,
                 unknown_ioctl: Errno::EINVAL,
                 log: vec![],
             }
@@ -221,18 +250,16 @@ mod tests {
                 not_asked_default: true,
                 version: None,
                 features: None,
+                enabled: None,
                 unknown_ioctl: Errno::EINVAL,
                 log: vec![],
             }
         }
-        fn future() -> Self {
+        /// 7.3: API 1 as 7.2, plus GET/SET_FEATURES offering QUEUE_READY and SUSPEND.
+        fn linux_7_3() -> Self {
             FakeKernel {
-                max: 2,
-                not_asked_default: true,
-                version: None,
-                features: Some(0b101),
-                unknown_ioctl: Errno::ENOTTY,
-                log: vec![],
+                features: Some(0b11),
+                ..FakeKernel::linux_7_2()
             }
         }
         /// What CREATE_DEV would see: the version in force.
@@ -261,6 +288,18 @@ mod tests {
             self.log.push("features".into());
             self.features.ok_or(self.unknown_ioctl)
         }
+        fn set_features(&mut self, f: u64) -> Result<(), Errno> {
+            self.log.push(format!("set features {f:#x}"));
+            match self.features {
+                // 7.3 refuses bits it did not offer.
+                Some(offered) if f & !offered == 0 => {
+                    self.enabled = Some(f);
+                    Ok(())
+                }
+                Some(_) => Err(Errno::EINVAL),
+                None => Err(self.unknown_ioctl),
+            }
+        }
     }
 
     #[test]
@@ -285,12 +324,63 @@ mod tests {
     }
 
     #[test]
-    fn future_kernel_stays_on_our_highest_and_reads_features() {
-        let mut k = FakeKernel::future();
+    fn linux_7_3_reads_the_offer_and_enables_what_we_implement() {
+        let mut k = FakeKernel::linux_7_3();
         let n = negotiate(&mut k).unwrap();
         assert_eq!(n.version, ApiVersion::V1);
-        assert_eq!((n.features, n.features_ioctl), (0b101, true));
-        assert_eq!(kernel_versions(&mut k).unwrap(), vec![0, 1, 2]);
+        assert_eq!((n.features, n.features_ioctl), (0b11, true));
+        assert_eq!(n.enabled, 0b11 & SUPPORTED_FEATURES);
+        assert_eq!(k.enabled, Some(n.enabled), "SET_FEATURES was called");
+        let set = k
+            .log
+            .iter()
+            .position(|l| l.starts_with("set features"))
+            .unwrap();
+        let get = k.log.iter().position(|l| l == "features").unwrap();
+        assert!(get < set, "{:?}", k.log);
+        assert_eq!(kernel_versions(&mut k).unwrap(), vec![0, 1]);
+    }
+
+    #[test]
+    fn kernels_before_7_3_get_no_set_features_call() {
+        for mut k in [FakeKernel::linux_6_12(), FakeKernel::linux_7_2()] {
+            let n = negotiate(&mut k).unwrap();
+            assert_eq!((n.features, n.enabled, n.features_ioctl), (0, 0, false));
+            assert!(
+                !k.log.iter().any(|l| l.starts_with("set features")),
+                "{:?}",
+                k.log
+            );
+        }
+    }
+
+    #[test]
+    fn a_failing_set_features_is_an_error() {
+        let mut k = FakeKernel::linux_7_3();
+        k.features = Some(0);
+        // A kernel that offers nothing but then refuses even the empty set.
+        struct Refuses(FakeKernel);
+        impl ControlOps for Refuses {
+            fn set_api_version(&mut self, v: u64) -> Result<(), Errno> {
+                self.0.set_api_version(v)
+            }
+            fn get_api_version(&mut self) -> Result<u64, Errno> {
+                self.0.get_api_version()
+            }
+            fn get_features(&mut self) -> Result<u64, Errno> {
+                self.0.get_features()
+            }
+            fn set_features(&mut self, _: u64) -> Result<(), Errno> {
+                Err(Errno::EPERM)
+            }
+        }
+        assert!(matches!(
+            negotiate(&mut Refuses(k)),
+            Err(NegotiateError::Ioctl {
+                op: "VDUSE_SET_FEATURES",
+                errno: Errno::EPERM
+            })
+        ));
     }
 
     #[test]
@@ -313,6 +403,9 @@ mod tests {
             fn get_features(&mut self) -> Result<u64, Errno> {
                 Err(Errno::EINVAL)
             }
+            fn set_features(&mut self, _: u64) -> Result<(), Errno> {
+                Err(Errno::EINVAL)
+            }
         }
         assert!(matches!(
             negotiate(&mut Broken),
@@ -330,6 +423,9 @@ mod tests {
                 Ok(0)
             }
             fn get_features(&mut self) -> Result<u64, Errno> {
+                Err(Errno::EINVAL)
+            }
+            fn set_features(&mut self, _: u64) -> Result<(), Errno> {
                 Err(Errno::EINVAL)
             }
         }

@@ -78,6 +78,11 @@ impl ControlOps for ControlFd {
         unsafe { u::vduse_get_features(self.fd(), &mut v) }?;
         Ok(v)
     }
+
+    fn set_features(&mut self, features: u64) -> Result<(), Errno> {
+        // SAFETY: the kernel reads one u64 from a live local.
+        unsafe { u::vduse_set_features(self.fd(), &features) }.map(drop)
+    }
 }
 
 /// One IOTLB entry and the file behind it.

@@ -87,8 +87,10 @@ pub struct ApiReport {
     pub api_versions: Vec<u64>,
     /// The version negotiation chose.
     pub api_version_chosen: u64,
-    /// Optional VDUSE features (0 when none).
+    /// Optional VDUSE features the kernel offers (0 when none).
     pub features: u64,
+    /// The subset we enable with `VDUSE_SET_FEATURES`.
+    pub features_enabled: u64,
     /// `VDUSE_GET_FEATURES` exists.
     pub features_ioctl: bool,
     /// `VDUSE_IOTLB_GET_INFO` (and so REG_UMEM) exists.
@@ -231,10 +233,41 @@ fn probe_api() -> Result<ApiReport, ProbeError> {
         api_versions: versions,
         api_version_chosen: n.version.number(),
         features: n.features,
+        features_enabled: n.enabled,
         features_ioctl: n.features_ioctl,
         umem_ioctl,
         bounce_size,
     })
+}
+
+/// The names of the VDUSE feature bits in `f` ("QUEUE_READY SUSPEND", "none").
+fn feature_names(f: u64) -> String {
+    let known = [
+        (crate::uapi::vduse::VDUSE_F_QUEUE_READY, "QUEUE_READY"),
+        (crate::uapi::vduse::VDUSE_F_SUSPEND, "SUSPEND"),
+    ];
+    let mut names: Vec<String> = known
+        .iter()
+        .filter(|(bit, _)| f & (1 << bit) != 0)
+        .map(|(_, n)| (*n).to_owned())
+        .collect();
+    let rest = known.iter().fold(f, |r, (bit, _)| r & !(1 << bit));
+    if rest != 0 {
+        names.push(format!("unknown {rest:#x}"));
+    }
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(" ")
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn feature_bits_are_named() {
+    assert_eq!(feature_names(0), "none");
+    assert_eq!(feature_names(0b11), "QUEUE_READY SUSPEND");
+    assert_eq!(feature_names(0b101), "QUEUE_READY unknown 0x4");
 }
 
 /// Destroys the throwaway device on every exit path.
@@ -417,7 +450,13 @@ fn write_api(out: &mut dyn Write, a: &ApiReport) -> io::Result<()> {
         api::SUPPORTED_VERSIONS
     )?;
     if a.features_ioctl {
-        writeln!(out, "VDUSE features:      {:#x}", a.features)?;
+        writeln!(
+            out,
+            "VDUSE features:      {:#x} offered ({}), {:#x} enabled",
+            a.features,
+            feature_names(a.features),
+            a.features_enabled
+        )?;
     } else {
         writeln!(out, "VDUSE features:      none (no VDUSE_GET_FEATURES)")?;
     }
@@ -476,6 +515,7 @@ mod tests {
             api_versions: vec![0, 1],
             api_version_chosen: 1,
             features: 0,
+            features_enabled: 0,
             features_ioctl: false,
             umem_ioctl: true,
             bounce_size: Some(64 << 20),

@@ -50,6 +50,18 @@ pub const VDUSE_UPDATE_IOTLB: u32 = 2;
 /// Request type: a virtqueue group moves to another address space (`VDUSE_SET_VQ_GROUP_ASID`,
 /// API v1 only).
 pub const VDUSE_SET_VQ_GROUP_ASID: u32 = 3;
+/// Request type: a virtqueue is enabled or disabled (`VDUSE_SET_VQ_READY`, Linux 7.3; sent
+/// only when `VDUSE_F_QUEUE_READY` was set with `VDUSE_SET_FEATURES`).
+pub const VDUSE_SET_VQ_READY: u32 = 4;
+/// Request type: stop processing and complete what is in flight (`VDUSE_SUSPEND`, Linux
+/// 7.3; sent only when `VDUSE_F_SUSPEND` was set). There is no resume: a reset follows.
+pub const VDUSE_SUSPEND: u32 = 5;
+
+/// Optional VDUSE feature bit (Linux 7.3, `VDUSE_GET_FEATURES`): `VDUSE_SET_VQ_READY`
+/// requests.
+pub const VDUSE_F_QUEUE_READY: u32 = 0;
+/// Optional VDUSE feature bit (Linux 7.3): `VDUSE_SUSPEND` requests.
+pub const VDUSE_F_SUSPEND: u32 = 1;
 
 /// Response result: the request was handled (`VDUSE_REQ_RESULT_OK`).
 pub const VDUSE_REQ_RESULT_OK: u32 = 0;
@@ -99,9 +111,9 @@ pub struct VduseDevConfig {
     pub ngroups: u32,
     /// Number of address spaces (API v1: in [1, 0xffff]; API v0: must be 0).
     pub nas: u32,
-    /// Must be zero. (The unmerged `VDUSE_GET_FEATURES` series turns `reserved[0..2]` into a
-    /// `u64 vduse_features` at offset 288, only meaningful when that ioctl succeeds; zero means
-    /// "no optional VDUSE features" there too.)
+    /// Must be zero. (An earlier proposal turned `reserved[0..2]` into a `u64 vduse_features`;
+    /// what Linux 7.3 merged has no such field: optional features go through
+    /// `VDUSE_SET_FEATURES` on the control fd instead.)
     pub reserved: [u32; 11],
     /// Size of the config space that follows the header.
     pub config_size: u32,
@@ -780,10 +792,12 @@ pub const VDUSE_CREATE_DEV_IOCTL: libc::c_ulong =
 /// Request number of `VDUSE_DESTROY_DEV` (control fd).
 pub const VDUSE_DESTROY_DEV_IOCTL: libc::c_ulong =
     request_code_write!(VDUSE_BASE, 0x03, VDUSE_NAME_MAX) as libc::c_ulong;
-/// Request number of the proposed `VDUSE_GET_FEATURES` (control fd). **Provisional**: see
-/// [`vduse_get_features`].
+/// Request number of `VDUSE_GET_FEATURES` (control fd, Linux 7.3).
 pub const VDUSE_GET_FEATURES_IOCTL: libc::c_ulong =
     request_code_read!(VDUSE_BASE, 0x04, size_of::<u64>()) as libc::c_ulong;
+/// Request number of `VDUSE_SET_FEATURES` (control fd, Linux 7.3).
+pub const VDUSE_SET_FEATURES_IOCTL: libc::c_ulong =
+    request_code_write!(VDUSE_BASE, 0x05, size_of::<u64>()) as libc::c_ulong;
 /// Request number of `VDUSE_IOTLB_GET_FD` (device fd).
 pub const VDUSE_IOTLB_GET_FD_IOCTL: libc::c_ulong =
     request_code_readwrite!(VDUSE_BASE, 0x10, size_of::<VduseIotlbEntry>()) as libc::c_ulong;
@@ -879,16 +893,12 @@ ioctl_write_ptr!(
 );
 
 ioctl_read!(
-    /// The proposed `VDUSE_GET_FEATURES` on `/dev/vduse/control`: the bitmap of optional VDUSE
-    /// features (e.g. `VDUSE_F_QUEUE_READY` = bit 0) the kernel supports.
+    /// `VDUSE_GET_FEATURES` on `/dev/vduse/control`: the bitmap of optional VDUSE features
+    /// (`VDUSE_F_QUEUE_READY` = bit 0, `VDUSE_F_SUSPEND` = bit 1) the kernel supports.
     ///
-    /// **Provisional — not in Linux 7.2.** The number is `_IOR(VDUSE_BASE, 0x04, __u64)` =
-    /// 0x80088104, taken from the posted series "vduse: add VDUSE_GET_FEATURES ioctl" (Eugenio
-    /// Pérez, 2026) as applied by the 0-day bot in `intel-lab-lkp/linux` commit
-    /// 010e4f1a6c6aec7aa0fbd3261138d99c77921f06; a later respin (also carrying a
-    /// `VDUSE_SET_FEATURES` at 0x05) keeps 0x04, and the patch is queued in mst/vhost but not in
-    /// a tagged release. Kernels without it answer EINVAL (the control fd's default case); treat
-    /// EINVAL or ENOTTY as "no optional features".
+    /// Merged in Linux 7.3 (`_IOR(VDUSE_BASE, 0x04, __u64)` = 0x80088104, checked against
+    /// Debian's `linux-libc-dev` 7.3~rc7-1~exp1). Kernels before 7.3 answer EINVAL (the
+    /// control fd's default case); treat EINVAL or ENOTTY as "no optional features".
     ///
     /// # Safety
     /// `fd` must be an open `/dev/vduse/control` descriptor and `data` must point to a writable,
@@ -896,6 +906,19 @@ ioctl_read!(
     vduse_get_features,
     VDUSE_BASE,
     0x04,
+    u64
+);
+
+ioctl_write_ptr!(
+    /// `VDUSE_SET_FEATURES` on `/dev/vduse/control` (Linux 7.3): the optional features the
+    /// devices created on this fd use, a subset of what `VDUSE_GET_FEATURES` offered.
+    ///
+    /// # Safety
+    /// `fd` must be an open `/dev/vduse/control` descriptor and `data` must point to a
+    /// readable, aligned `u64`.
+    vduse_set_features,
+    VDUSE_BASE,
+    0x05,
     u64
 );
 
@@ -1075,12 +1098,14 @@ mod tests {
     /// `linux/vduse.h` on x86_64 (`printf("0x%lx", VDUSE_...)`).
     #[test]
     fn ioctl_numbers_match_linux_7_2() {
-        let cases: [(libc::c_ulong, libc::c_ulong); 17] = [
+        let cases: [(libc::c_ulong, libc::c_ulong); 18] = [
             (VDUSE_GET_API_VERSION_IOCTL, 0x8008_8100),
             (VDUSE_SET_API_VERSION_IOCTL, 0x4008_8101),
             (VDUSE_CREATE_DEV_IOCTL, 0x4150_8102),
             (VDUSE_DESTROY_DEV_IOCTL, 0x4100_8103),
+            // 7.3 (linux-libc-dev 7.3~rc7-1~exp1): GET_FEATURES, SET_FEATURES
             (VDUSE_GET_FEATURES_IOCTL, 0x8008_8104),
+            (VDUSE_SET_FEATURES_IOCTL, 0x4008_8105),
             (VDUSE_IOTLB_GET_FD_IOCTL, 0xc020_8110),
             (VDUSE_DEV_GET_FEATURES_IOCTL, 0x8008_8111),
             (VDUSE_DEV_SET_CONFIG_IOCTL, 0x4008_8112),

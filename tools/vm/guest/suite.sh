@@ -26,6 +26,14 @@ expected_api() {
     if [ "$_major" -ge 7 ]; then echo 1; else echo 0; fi
 }
 
+# expected VDUSE_GET_FEATURES offer: 7.3 and later offer QUEUE_READY|SUSPEND (3), earlier
+# kernels have no such ioctl (-)
+expected_features() {
+    _maj=$(uname -r | cut -d. -f1)
+    _min=$(uname -r | cut -d. -f2 | sed 's/[^0-9].*//')
+    if [ "$_maj" -gt 7 ] || { [ "$_maj" = 7 ] && [ "$_min" -ge 3 ]; }; then echo 3; else echo -; fi
+}
+
 # md5 of LEN_MIB MiB at OFF_MIB MiB of FILE (direct I/O for block devices)
 md5_range() {
     _fl=
@@ -75,6 +83,20 @@ case_probe() {
     want=$(expected_api)
     [ -n "$got" ] || fail "probe --json has no \"api_version_chosen\": $(head -c 300 /tmp/pj.out)"
     [ "$got" = "$want" ] || fail "api_version_chosen is $got, want $want on $(uname -r)"
+    flat=$(tr -d ' \n' </tmp/pj.out)
+    case $(expected_features) in
+    -)
+        echo "$flat" | grep -q '"features_ioctl":false' ||
+            fail "features_ioctl should be false on $(uname -r): $flat"
+        grep -q 'VDUSE features: *none' /tmp/p.out || fail "probe should print no VDUSE features on $(uname -r)"
+        ;;
+    *)
+        echo "$flat" | grep -q '"features":3,"features_enabled":0,"features_ioctl":true' ||
+            fail "want features 3 offered, 0 enabled, ioctl present on $(uname -r): $flat"
+        grep -q 'VDUSE features: *0x3 offered (QUEUE_READY SUSPEND), 0x0 enabled' /tmp/p.out ||
+            fail "probe's features line on $(uname -r): $(grep 'VDUSE features' /tmp/p.out)"
+        ;;
+    esac
 }
 
 # fio job shared by the write pass (device) and the check pass (backing file):
