@@ -115,14 +115,6 @@ fn fill_range(dev: &mut SimDevice, sector: u64, bytes: usize, seed: u64) {
     assert_eq!(c.status, Some(S_OK));
 }
 
-fn seg(sector: u64, num_sectors: u32, flags: u32) -> DwzSeg {
-    DwzSeg {
-        sector,
-        num_sectors,
-        flags,
-    }
-}
-
 #[test]
 fn discard_punches_a_hole() {
     let mut dev = device(16, false);
@@ -604,13 +596,32 @@ fn full_queue_every_descriptor_in_flight() {
     shutdown_clean(dev);
 }
 
+/// Run 32 WRITE_ZEROES requests of 16 ranges each (range `i` zeroes 4 KiB at sector
+/// `16 * i`) as one batch on a pre-filled device: all succeed, every range is zero, the 512
+/// bytes after each are not, and the worker counted 32.
+fn run_sixteen_range_write_zeroes(mut dev: SimDevice, reqs: Vec<BlkRequest>) {
+    let done = run_batch(&mut dev.queues[0], reqs);
+    assert!(done.iter().all(|c| c.status == Some(S_OK)));
+    for i in 0..512u64 {
+        let z = dev.backing_read(i * 16 * 512, 4096).unwrap();
+        assert!(z.iter().all(|&b| b == 0), "range {i} not zeroed");
+        let kept = dev.backing_read(i * 16 * 512 + 4096, 512).unwrap();
+        assert!(
+            kept.iter().any(|&b| b != 0),
+            "data after range {i} was zeroed"
+        );
+    }
+    let exits = shutdown_clean(dev);
+    assert_eq!(exits[0].stats.write_zeroes, 32);
+}
+
 #[test]
 fn full_queue_of_sixteen_segment_write_zeroes_is_throttled_not_lost() {
     // 32 requests x 16 ranges = 512 fallocate ops, more than the worker's CQ holds at once.
     let mut cfg = SimDeviceConfig::new(4 * MIB);
     cfg.queue_size = 32;
     cfg.fill_seed = Some(13);
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let dev = SimDevice::new(cfg).unwrap();
     let reqs: Vec<BlkRequest> = (0..32u64)
         .map(|r| {
             let segs: Vec<DwzSeg> = (0..16)
@@ -625,19 +636,7 @@ fn full_queue_of_sixteen_segment_write_zeroes_is_throttled_not_lost() {
             BlkRequest::write_zeroes(&segs).indirect(true)
         })
         .collect();
-    let done = run_batch(&mut dev.queues[0], reqs);
-    assert!(done.iter().all(|c| c.status == Some(S_OK)));
-    for i in 0..512u64 {
-        let z = dev.backing_read(i * 16 * 512, 4096).unwrap();
-        assert!(z.iter().all(|&b| b == 0), "range {i} not zeroed");
-        let kept = dev.backing_read(i * 16 * 512 + 4096, 512).unwrap();
-        assert!(
-            kept.iter().any(|&b| b != 0),
-            "data after range {i} was zeroed"
-        );
-    }
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.write_zeroes, 32);
+    run_sixteen_range_write_zeroes(dev, reqs);
 }
 
 #[test]
@@ -833,26 +832,14 @@ fn write_zeroes_fallback_with_a_full_queue() {
     cfg.dir = Some(shm.to_path_buf());
     cfg.queue_size = 32;
     cfg.fill_seed = Some(14);
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let dev = SimDevice::new(cfg).unwrap();
     let reqs: Vec<BlkRequest> = (0..32u64)
         .map(|r| {
             let segs: Vec<DwzSeg> = (0..16).map(|s| seg((r * 16 + s) * 16, 8, 0)).collect();
             BlkRequest::write_zeroes(&segs).indirect(true)
         })
         .collect();
-    let done = run_batch(&mut dev.queues[0], reqs);
-    assert!(done.iter().all(|c| c.status == Some(S_OK)));
-    for i in 0..512u64 {
-        let z = dev.backing_read(i * 16 * 512, 4096).unwrap();
-        assert!(z.iter().all(|&b| b == 0), "range {i} not zeroed");
-        let kept = dev.backing_read(i * 16 * 512 + 4096, 512).unwrap();
-        assert!(
-            kept.iter().any(|&b| b != 0),
-            "data after range {i} was zeroed"
-        );
-    }
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.write_zeroes, 32);
+    run_sixteen_range_write_zeroes(dev, reqs);
 }
 
 #[test]

@@ -595,14 +595,6 @@ fn dwz(t: u32, payload: &[u8]) -> BlkRequest {
     r
 }
 
-fn seg(sector: u64, num_sectors: u32, flags: u32) -> DwzSeg {
-    DwzSeg {
-        sector,
-        num_sectors,
-        flags,
-    }
-}
-
 #[test]
 fn dwz_bad_segment_count_is_ioerr() {
     let mut d = dev();

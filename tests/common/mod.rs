@@ -3,12 +3,21 @@
 
 use std::time::Duration;
 
-use vduse_blkd::sim::blk::{BlkRequest, S_OK};
+use vduse_blkd::sim::blk::{BlkRequest, DwzSeg, S_OK};
 use vduse_blkd::sim::{Chain, Completion, SimDevice, SimDeviceConfig, SimRng};
 use vduse_blkd::worker::{WorkerError, WorkerExit};
 
 /// Generous: requests complete in microseconds; this only bounds a hang.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One DISCARD / WRITE_ZEROES range.
+pub fn seg(sector: u64, num_sectors: u32, flags: u32) -> DwzSeg {
+    DwzSeg {
+        sector,
+        num_sectors,
+        flags,
+    }
+}
 
 /// A 1 MiB device with one queue of `queue_size`.
 pub fn device(queue_size: u16, event_idx: bool) -> SimDevice {
