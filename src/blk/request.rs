@@ -14,7 +14,12 @@
 use thiserror::Error;
 
 use super::config::{MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS};
-use super::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
+pub use super::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+use super::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+};
 
 /// Sector size of the virtio-blk protocol (always 512, whatever the block size).
 pub const SECTOR_SIZE: u64 = 512;
@@ -23,15 +28,6 @@ pub const SECTOR_SHIFT: u32 = 9;
 
 const HDR_LEN: u64 = 16;
 const DWZ_SEG_LEN: u64 = 16;
-
-const VIRTIO_BLK_T_IN: u32 = 0;
-const VIRTIO_BLK_T_OUT: u32 = 1;
-const VIRTIO_BLK_T_FLUSH: u32 = 4;
-const VIRTIO_BLK_T_GET_ID: u32 = 8;
-const VIRTIO_BLK_T_DISCARD: u32 = 11;
-const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
-pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 /// One descriptor of a chain, as the walker found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,12 +151,6 @@ pub enum RequestError {
     /// Reading the header or the segment list from driver memory failed.
     #[error("unreadable request memory at IOVA {0:#x}")]
     Memory(u64),
-    /// A data buffer is not mapped, or not with the needed access.
-    #[error("data buffer at IOVA {0:#x} is not mapped for this access")]
-    BadBuffer(u64),
-    /// More data segments than one I/O can carry.
-    #[error("too many data segments")]
-    TooManySegments,
 }
 
 impl RequestError {
@@ -181,9 +171,7 @@ impl RequestError {
             | RequestError::BadSegmentCount
             | RequestError::BadSegmentRange
             | RequestError::ShortIdBuffer
-            | RequestError::Memory(_)
-            | RequestError::BadBuffer(_)
-            | RequestError::TooManySegments => VIRTIO_BLK_S_IOERR,
+            | RequestError::Memory(_) => VIRTIO_BLK_S_IOERR,
         }
     }
 }

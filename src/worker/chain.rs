@@ -7,14 +7,17 @@
 //! errors that only doom the one request.
 
 use thiserror::Error;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
+use vm_memory::ByteValued;
 
+use crate::blk::request::GuestRead;
 use crate::blk::Segment;
 
 const DESC_SIZE: u64 = 16;
-const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
-const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+const VIRTQ_DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const VIRTQ_DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const VIRTQ_DESC_F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 /// A malformed descriptor chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -62,6 +65,14 @@ impl ChainError {
 pub trait DescRead {
     /// Read the 16-byte descriptor at `addr`.
     fn read_desc(&mut self, addr: u64) -> Option<Descriptor>;
+}
+
+/// Read the descriptor at `addr` through `mem`: virtio-queue's `Descriptor` is `ByteValued`
+/// (little-endian fields), so this is the one decoder of the 16-byte layout.
+pub fn read_descriptor(mem: &mut impl GuestRead, addr: u64) -> Option<Descriptor> {
+    let mut desc = Descriptor::default();
+    mem.read_at(addr, desc.as_mut_slice()).ok()?;
+    Some(desc)
 }
 
 /// Walk the chain starting at `head` of the table at `table` (`size` entries), appending one

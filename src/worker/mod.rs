@@ -162,13 +162,7 @@ impl<E: RegionSource> GuestRead for MemView<'_, E> {
 
 impl<E: RegionSource> DescRead for MemView<'_, E> {
     fn read_desc(&mut self, addr: u64) -> Option<Descriptor> {
-        let mut raw = [0u8; 16];
-        self.space.read(self.edge, addr, &mut raw).ok()?;
-        let a = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
-        let l = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
-        let f = u16::from_le_bytes(raw[12..14].try_into().expect("2 bytes"));
-        let n = u16::from_le_bytes(raw[14..16].try_into().expect("2 bytes"));
-        Some(Descriptor::new(a, l, f, n))
+        chain::read_descriptor(self, addr)
     }
 }
 
