@@ -44,7 +44,6 @@ use std::time::Instant;
 
 use log::{debug, warn};
 use nix::sys::eventfd::EventFd;
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestAddress;
 
@@ -55,7 +54,7 @@ use crate::blk::{
 };
 use crate::memory::{IovaSpace, RegionSource};
 use crate::metrics::QueueStats;
-use chain::{walk_chain, DescRead};
+use chain::walk_chain;
 use error::ExecError;
 pub use error::{BrokenReason, RingArea, WorkerError};
 use exec::Submitted;
@@ -157,12 +156,6 @@ struct MemView<'a, E> {
 impl<E: RegionSource> GuestRead for MemView<'_, E> {
     fn read_at(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), u64> {
         self.space.read(self.edge, addr, buf).map_err(|e| e.iova())
-    }
-}
-
-impl<E: RegionSource> DescRead for MemView<'_, E> {
-    fn read_desc(&mut self, addr: u64) -> Option<Descriptor> {
-        chain::read_descriptor(self, addr)
     }
 }
 
