@@ -16,7 +16,6 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
@@ -29,7 +28,7 @@ use vduse_blkd::sim::blk::{header, BlkRequest, S_OK, T_IN, T_OUT};
 use vduse_blkd::sim::memory::PROT_RW;
 use vduse_blkd::sim::queue::{Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use vduse_blkd::sim::SimMemory;
-use vduse_blkd::worker::chain::{walk_chain, DescRead};
+use vduse_blkd::worker::chain::walk_chain;
 
 const LIMITS: DeviceLimits = DeviceLimits {
     capacity: 1 << 30,
@@ -104,15 +103,9 @@ struct View<'a> {
     src: &'a mut SimMemory,
 }
 
-impl DescRead for View<'_> {
-    fn read_desc(&mut self, addr: u64) -> Option<Descriptor> {
-        let mut raw = [0u8; 16];
-        self.space.read(self.src, addr, &mut raw).ok()?;
-        let a = u64::from_le_bytes(raw[0..8].try_into().ok()?);
-        let l = u32::from_le_bytes(raw[8..12].try_into().ok()?);
-        let f = u16::from_le_bytes(raw[12..14].try_into().ok()?);
-        let n = u16::from_le_bytes(raw[14..16].try_into().ok()?);
-        Some(Descriptor::new(a, l, f, n))
+impl GuestRead for View<'_> {
+    fn read_at(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), u64> {
+        self.space.read(self.src, addr, buf).map_err(|e| e.iova())
     }
 }
 

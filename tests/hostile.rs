@@ -1260,7 +1260,7 @@ fn broken_ring_waits_for_io_in_flight() {
     post_head(&mut d, ids[0], ids.clone());
     match d.wait_exit(0, TIMEOUT).expect("worker ends") {
         Err(vduse_blkd::worker::WorkerError::Broken { reason, stats, .. }) => {
-            assert!(reason.contains("loop"), "{reason}");
+            assert!(reason.to_string().contains("loop"), "{reason}");
             assert_eq!(
                 stats.reads, 10,
                 "every read in flight completed before the exit"

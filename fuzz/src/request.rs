@@ -23,8 +23,7 @@ use vduse_blkd::blk::{parse_request, Request, RequestKind, Segment};
 use vduse_blkd::memory::IovaSpace;
 use vduse_blkd::sim::memory::{PROT_NONE, PROT_RO, PROT_RW};
 use vduse_blkd::sim::SimMemory;
-use vduse_blkd::worker::chain::{walk_chain, DescRead};
-use virtio_queue::desc::split::Descriptor;
+use vduse_blkd::worker::chain::walk_chain;
 
 use crate::model::{self, Regions, Walk, F_INDIRECT, F_NEXT, F_WRITE};
 use crate::wire::{Reader, Wire, Writer};
@@ -766,19 +765,6 @@ struct View<'a> {
 impl GuestRead for View<'_> {
     fn read_at(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), u64> {
         self.space.read(self.src, addr, buf).map_err(|e| e.iova())
-    }
-}
-
-impl DescRead for View<'_> {
-    fn read_desc(&mut self, addr: u64) -> Option<Descriptor> {
-        let mut raw = [0u8; 16];
-        self.space.read(self.src, addr, &mut raw).ok()?;
-        Some(Descriptor::new(
-            u64::from_le_bytes(raw[0..8].try_into().unwrap()),
-            u32::from_le_bytes(raw[8..12].try_into().unwrap()),
-            u16::from_le_bytes(raw[12..14].try_into().unwrap()),
-            u16::from_le_bytes(raw[14..16].try_into().unwrap()),
-        ))
     }
 }
 

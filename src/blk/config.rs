@@ -2,26 +2,11 @@
 
 use crate::uapi::virtio as vf;
 
-/// `VIRTIO_BLK_F_SIZE_MAX`: `size_max` is valid.
-pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
-/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` is valid.
-pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
-/// `VIRTIO_BLK_F_RO`: the device is read-only.
-pub const VIRTIO_BLK_F_RO: u32 = 5;
-/// `VIRTIO_BLK_F_BLK_SIZE`: `blk_size` is valid.
-pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
-/// `VIRTIO_BLK_F_FLUSH`: the FLUSH command is supported.
-pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
-/// `VIRTIO_BLK_F_TOPOLOGY`: the topology fields are valid.
-pub const VIRTIO_BLK_F_TOPOLOGY: u32 = 10;
-/// `VIRTIO_BLK_F_CONFIG_WCE`: writeback mode in config space. VDUSE refuses it; never offered.
-pub const VIRTIO_BLK_F_CONFIG_WCE: u32 = 11;
-/// `VIRTIO_BLK_F_MQ`: `num_queues` is valid.
-pub const VIRTIO_BLK_F_MQ: u32 = 12;
-/// `VIRTIO_BLK_F_DISCARD`: DISCARD is supported.
-pub const VIRTIO_BLK_F_DISCARD: u32 = 13;
-/// `VIRTIO_BLK_F_WRITE_ZEROES`: WRITE_ZEROES is supported.
-pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+pub use super::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
 
 /// The largest data segment (`size_max`) we advertise, in bytes.
 pub const SIZE_MAX: u32 = 1 << 20;

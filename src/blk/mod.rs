@@ -16,12 +16,19 @@ pub use request::{
     SECTOR_SIZE,
 };
 
-/// `VIRTIO_BLK_S_OK`: the request succeeded.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// `VIRTIO_BLK_S_IOERR`: the request failed (bad request or backing I/O error).
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// `VIRTIO_BLK_S_UNSUPP`: the request type or a flag is not supported.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+/// Every `linux/virtio_blk.h` name (request types, feature bits, flags, structs), from
+/// `virtio-bindings`: the one definition. The few below narrow a `u32` to the type it travels
+/// as; they shadow the glob.
+pub use virtio_bindings::virtio_blk::*;
 
-/// Bytes written into a GET_ID buffer (`VIRTIO_BLK_ID_BYTES`).
-pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+use virtio_bindings::virtio_blk as vb;
+
+/// `VIRTIO_BLK_S_OK`: the request succeeded (a status byte).
+pub const VIRTIO_BLK_S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+/// `VIRTIO_BLK_S_IOERR`: the request failed (bad request or backing I/O error).
+pub const VIRTIO_BLK_S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+/// `VIRTIO_BLK_S_UNSUPP`: the request type or a flag is not supported.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
+
+/// Bytes written into a GET_ID buffer (`VIRTIO_BLK_ID_BYTES`), as a length.
+pub const VIRTIO_BLK_ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;

@@ -14,7 +14,12 @@
 use thiserror::Error;
 
 use super::config::{MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS};
-use super::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
+pub use super::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+use super::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+};
 
 /// Sector size of the virtio-blk protocol (always 512, whatever the block size).
 pub const SECTOR_SIZE: u64 = 512;
@@ -23,15 +28,6 @@ pub const SECTOR_SHIFT: u32 = 9;
 
 const HDR_LEN: u64 = 16;
 const DWZ_SEG_LEN: u64 = 16;
-
-const VIRTIO_BLK_T_IN: u32 = 0;
-const VIRTIO_BLK_T_OUT: u32 = 1;
-const VIRTIO_BLK_T_FLUSH: u32 = 4;
-const VIRTIO_BLK_T_GET_ID: u32 = 8;
-const VIRTIO_BLK_T_DISCARD: u32 = 11;
-const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
-pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 /// One descriptor of a chain, as the walker found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,12 +151,6 @@ pub enum RequestError {
     /// Reading the header or the segment list from driver memory failed.
     #[error("unreadable request memory at IOVA {0:#x}")]
     Memory(u64),
-    /// A data buffer is not mapped, or not with the needed access.
-    #[error("data buffer at IOVA {0:#x} is not mapped for this access")]
-    BadBuffer(u64),
-    /// More data segments than one I/O can carry.
-    #[error("too many data segments")]
-    TooManySegments,
 }
 
 impl RequestError {
@@ -181,9 +171,7 @@ impl RequestError {
             | RequestError::BadSegmentCount
             | RequestError::BadSegmentRange
             | RequestError::ShortIdBuffer
-            | RequestError::Memory(_)
-            | RequestError::BadBuffer(_)
-            | RequestError::TooManySegments => VIRTIO_BLK_S_IOERR,
+            | RequestError::Memory(_) => VIRTIO_BLK_S_IOERR,
         }
     }
 }
@@ -235,6 +223,18 @@ fn read_span(
     err.map_or(Ok(()), Err)
 }
 
+/// A chain split at its first device-writable descriptor, with the header's sector.
+#[derive(Clone, Copy)]
+struct Layout<'a> {
+    readable: &'a [Segment],
+    writable: &'a [Segment],
+    /// Device-readable bytes after the header.
+    data_out: u64,
+    /// Device-writable bytes before the status byte.
+    data_in: u64,
+    sector: u64,
+}
+
 /// Parse `segs` into `req`. `req.status_addr` is set whenever the chain has a status byte,
 /// even when parsing fails, so the caller can report the error.
 pub fn parse_request(
@@ -276,48 +276,15 @@ pub fn parse_request(
     // The status byte is not data; without a status byte the writable part is all data.
     let data_in = writable_len.saturating_sub(u64::from(req.status_addr.is_some()));
 
+    let l = Layout {
+        readable,
+        writable,
+        data_out,
+        data_in,
+        sector,
+    };
     match req_type {
-        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
-            let write = req_type == VIRTIO_BLK_T_OUT;
-            req.kind = if write {
-                RequestKind::Write
-            } else {
-                RequestKind::Read
-            };
-            let (len, wrong) = if write {
-                (data_out, data_in)
-            } else {
-                (data_in, data_out)
-            };
-            if wrong != 0 {
-                return Err(RequestError::WrongDirection);
-            }
-            if write && limits.read_only {
-                return Err(RequestError::ReadOnly);
-            }
-            if len % SECTOR_SIZE != 0 {
-                return Err(RequestError::Unaligned);
-            }
-            let offset = sector
-                .checked_mul(SECTOR_SIZE)
-                .ok_or(RequestError::Overflow)?;
-            let end = offset.checked_add(len).ok_or(RequestError::Overflow)?;
-            if end > limits.capacity {
-                return Err(RequestError::BeyondCapacity);
-            }
-            req.offset = offset;
-            req.data_len = len;
-            let (src, from) = if write {
-                (readable, HDR_LEN)
-            } else {
-                (writable, 0)
-            };
-            let data = &mut req.data;
-            slice_ranges(src, from, len, |addr, l| {
-                data.push(DataSeg { addr, len: l })
-            });
-            Ok(())
-        }
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => parse_rw(req_type, &l, limits, req),
         VIRTIO_BLK_T_FLUSH => {
             req.kind = RequestKind::Flush;
             if data_out != 0 || data_in != 0 {
@@ -325,75 +292,153 @@ pub fn parse_request(
             }
             Ok(())
         }
-        VIRTIO_BLK_T_GET_ID => {
-            req.kind = RequestKind::GetId;
-            if data_out != 0 {
-                return Err(RequestError::WrongDirection);
-            }
-            if data_in < VIRTIO_BLK_ID_BYTES as u64 {
-                return Err(RequestError::ShortIdBuffer);
-            }
-            req.data_len = VIRTIO_BLK_ID_BYTES as u64;
-            let data = &mut req.data;
-            slice_ranges(writable, 0, VIRTIO_BLK_ID_BYTES as u64, |addr, l| {
-                data.push(DataSeg { addr, len: l })
-            });
-            Ok(())
-        }
+        VIRTIO_BLK_T_GET_ID => parse_get_id(&l, req),
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            let discard = req_type == VIRTIO_BLK_T_DISCARD;
-            req.kind = if discard {
-                RequestKind::Discard
-            } else {
-                RequestKind::WriteZeroes
-            };
-            if data_in != 0 {
-                return Err(RequestError::WrongDirection);
-            }
-            if limits.read_only {
-                return Err(RequestError::ReadOnly);
-            }
-            if data_out == 0
-                || !data_out.is_multiple_of(DWZ_SEG_LEN)
-                || data_out / DWZ_SEG_LEN > u64::from(MAX_DWZ_SEGMENTS)
-            {
-                return Err(RequestError::BadSegmentCount);
-            }
-            let allowed_flags = if discard {
-                0
-            } else {
-                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-            };
-            for i in 0..data_out / DWZ_SEG_LEN {
-                let mut raw = [0u8; DWZ_SEG_LEN as usize];
-                read_span(mem, readable, HDR_LEN + i * DWZ_SEG_LEN, &mut raw)?;
-                let sector = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
-                let num = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
-                let flags = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
-                if flags & !allowed_flags != 0 {
-                    return Err(RequestError::BadSegmentFlags(flags));
-                }
-                if num == 0 || num > MAX_DWZ_SECTORS {
-                    return Err(RequestError::BadSegmentRange);
-                }
-                let offset = sector
-                    .checked_mul(SECTOR_SIZE)
-                    .ok_or(RequestError::Overflow)?;
-                let len = u64::from(num) << SECTOR_SHIFT;
-                let end = offset.checked_add(len).ok_or(RequestError::Overflow)?;
-                if end > limits.capacity {
-                    return Err(RequestError::BeyondCapacity);
-                }
-                req.dwz.push(DwzSegment {
-                    offset,
-                    len,
-                    unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
-                });
-            }
-            Ok(())
+            parse_dwz(req_type, mem, &l, limits, req)
         }
         other => Err(RequestError::UnsupportedType(other)),
     }
+}
+
+fn parse_rw(
+    req_type: u32,
+    l: &Layout<'_>,
+    limits: &DeviceLimits,
+    req: &mut Request,
+) -> Result<(), RequestError> {
+    let Layout {
+        readable,
+        writable,
+        data_out,
+        data_in,
+        sector,
+    } = *l;
+    let write = req_type == VIRTIO_BLK_T_OUT;
+    req.kind = if write {
+        RequestKind::Write
+    } else {
+        RequestKind::Read
+    };
+    let (len, wrong) = if write {
+        (data_out, data_in)
+    } else {
+        (data_in, data_out)
+    };
+    if wrong != 0 {
+        return Err(RequestError::WrongDirection);
+    }
+    if write && limits.read_only {
+        return Err(RequestError::ReadOnly);
+    }
+    if len % SECTOR_SIZE != 0 {
+        return Err(RequestError::Unaligned);
+    }
+    let offset = sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or(RequestError::Overflow)?;
+    let end = offset.checked_add(len).ok_or(RequestError::Overflow)?;
+    if end > limits.capacity {
+        return Err(RequestError::BeyondCapacity);
+    }
+    req.offset = offset;
+    req.data_len = len;
+    let (src, from) = if write {
+        (readable, HDR_LEN)
+    } else {
+        (writable, 0)
+    };
+    let data = &mut req.data;
+    slice_ranges(src, from, len, |addr, l| {
+        data.push(DataSeg { addr, len: l })
+    });
+    Ok(())
+}
+
+fn parse_get_id(l: &Layout<'_>, req: &mut Request) -> Result<(), RequestError> {
+    let Layout {
+        writable,
+        data_out,
+        data_in,
+        ..
+    } = *l;
+    req.kind = RequestKind::GetId;
+    if data_out != 0 {
+        return Err(RequestError::WrongDirection);
+    }
+    if data_in < VIRTIO_BLK_ID_BYTES as u64 {
+        return Err(RequestError::ShortIdBuffer);
+    }
+    req.data_len = VIRTIO_BLK_ID_BYTES as u64;
+    let data = &mut req.data;
+    slice_ranges(writable, 0, VIRTIO_BLK_ID_BYTES as u64, |addr, l| {
+        data.push(DataSeg { addr, len: l })
+    });
+    Ok(())
+}
+
+fn parse_dwz(
+    req_type: u32,
+    mem: &mut impl GuestRead,
+    l: &Layout<'_>,
+    limits: &DeviceLimits,
+    req: &mut Request,
+) -> Result<(), RequestError> {
+    let Layout {
+        readable,
+        data_out,
+        data_in,
+        ..
+    } = *l;
+    let discard = req_type == VIRTIO_BLK_T_DISCARD;
+    req.kind = if discard {
+        RequestKind::Discard
+    } else {
+        RequestKind::WriteZeroes
+    };
+    if data_in != 0 {
+        return Err(RequestError::WrongDirection);
+    }
+    if limits.read_only {
+        return Err(RequestError::ReadOnly);
+    }
+    if data_out == 0
+        || !data_out.is_multiple_of(DWZ_SEG_LEN)
+        || data_out / DWZ_SEG_LEN > u64::from(MAX_DWZ_SEGMENTS)
+    {
+        return Err(RequestError::BadSegmentCount);
+    }
+    let allowed_flags = if discard {
+        0
+    } else {
+        VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    };
+    for i in 0..data_out / DWZ_SEG_LEN {
+        let mut raw = [0u8; DWZ_SEG_LEN as usize];
+        read_span(mem, readable, HDR_LEN + i * DWZ_SEG_LEN, &mut raw)?;
+        let sector = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
+        let num = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
+        let flags = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
+        if flags & !allowed_flags != 0 {
+            return Err(RequestError::BadSegmentFlags(flags));
+        }
+        if num == 0 || num > MAX_DWZ_SECTORS {
+            return Err(RequestError::BadSegmentRange);
+        }
+        let offset = sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or(RequestError::Overflow)?;
+        let len = u64::from(num) << SECTOR_SHIFT;
+        let end = offset.checked_add(len).ok_or(RequestError::Overflow)?;
+        if end > limits.capacity {
+            return Err(RequestError::BeyondCapacity);
+        }
+        req.dwz.push(DwzSegment {
+            offset,
+            len,
+            unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

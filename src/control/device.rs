@@ -591,7 +591,7 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
                     self.stats.merge(stats);
                 }
                 self.broken = true;
-                self.events.send(LoopEvent::Broken(e.to_string()));
+                self.events.send(LoopEvent::Broken(with_causes(&e)));
             }
         }
     }
@@ -691,3 +691,19 @@ pub const DESTROY_DEADLINE: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests;
+
+/// An error and its `source()` chain on one line ("a: b: c"), for the operator's message.
+/// Variants that already print their cause in their own message are not repeated.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}

@@ -7,14 +7,17 @@
 //! errors that only doom the one request.
 
 use thiserror::Error;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
+use vm_memory::ByteValued;
 
+use crate::blk::request::GuestRead;
 use crate::blk::Segment;
 
 const DESC_SIZE: u64 = 16;
-const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
-const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+const VIRTQ_DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const VIRTQ_DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const VIRTQ_DESC_F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 /// A malformed descriptor chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -58,16 +61,18 @@ impl ChainError {
     }
 }
 
-/// Read a descriptor at IOVA `addr`; `None` when unreadable.
-pub trait DescRead {
-    /// Read the 16-byte descriptor at `addr`.
-    fn read_desc(&mut self, addr: u64) -> Option<Descriptor>;
+/// Read the descriptor at `addr` through `mem`: virtio-queue's `Descriptor` is `ByteValued`
+/// (little-endian fields), so this is the one decoder of the 16-byte layout.
+pub fn read_descriptor(mem: &mut impl GuestRead, addr: u64) -> Option<Descriptor> {
+    let mut desc = Descriptor::default();
+    mem.read_at(addr, desc.as_mut_slice()).ok()?;
+    Some(desc)
 }
 
 /// Walk the chain starting at `head` of the table at `table` (`size` entries), appending one
 /// [`Segment`] per data descriptor to `out` (cleared first).
 pub fn walk_chain(
-    mem: &mut impl DescRead,
+    mem: &mut impl GuestRead,
     table: u64,
     size: u16,
     head: u16,
@@ -94,7 +99,7 @@ pub fn walk_chain(
             } else {
                 ChainError::TableUnreadable(table)
             })?;
-        let desc = mem.read_desc(addr).ok_or(if indirect {
+        let desc = read_descriptor(mem, addr).ok_or(if indirect {
             ChainError::IndirectUnreadable(addr)
         } else {
             ChainError::TableUnreadable(addr)
@@ -144,9 +149,11 @@ mod tests {
                 .insert(table + i * 16, Descriptor::new(addr, len, flags, next));
         }
     }
-    impl DescRead for Table {
-        fn read_desc(&mut self, addr: u64) -> Option<Descriptor> {
-            self.0.get(&addr).copied()
+    impl GuestRead for Table {
+        fn read_at(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), u64> {
+            let d = self.0.get(&addr).ok_or(addr)?;
+            buf.copy_from_slice(d.as_slice());
+            Ok(())
         }
     }
 

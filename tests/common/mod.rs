@@ -77,6 +77,7 @@ pub fn shutdown_clean(dev: SimDevice) -> Vec<WorkerExit> {
 pub fn assert_broken(dev: &mut SimDevice, q: usize, why: &str) {
     match dev.wait_exit(q, TIMEOUT).expect("worker ends on its own") {
         Err(WorkerError::Broken { reason, .. }) => {
+            let reason = reason.to_string();
             assert!(
                 reason.contains(why),
                 "broken for {reason:?}, expected {why:?}"

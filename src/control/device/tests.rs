@@ -197,7 +197,7 @@ impl QueueWorker for FakeWorker {
         if self.shared.broken.lock().unwrap().contains(&q) {
             return Err(WorkerError::Broken {
                 queue: q,
-                reason: "test".into(),
+                reason: crate::worker::BrokenReason::InvalidAreas,
                 stats: Box::new(stats),
             });
         }
