@@ -33,18 +33,6 @@ const KEYS: [&str; 23] = [
     "worker_p99_us",
 ];
 
-/// Whether this process may create an io_uring; prints why not when it may not.
-fn io_uring_available() -> bool {
-    match io_uring::IoUring::new(2) {
-        Ok(_) => true,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
-            eprintln!("skipping: io_uring_setup is blocked here ({e})");
-            false
-        }
-        Err(e) => panic!("io_uring_setup failed: {e}"),
-    }
-}
-
 fn field<'a>(o: &'a Map<String, Value>, key: &str) -> &'a Value {
     o.get(key)
         .unwrap_or_else(|| panic!("no key {key:?} in {o:?}"))
@@ -52,7 +40,7 @@ fn field<'a>(o: &'a Map<String, Value>, key: &str) -> &'a Value {
 
 #[test]
 fn json_report_has_integer_counts_and_rounded_latencies() {
-    if !io_uring_available() {
+    if !vduse_blkd::sim::io_uring_available() {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_vduse-blkd-bench"))

@@ -37,6 +37,7 @@ fn run_batch(q: &mut SimQueue, reqs: Vec<BlkRequest>) -> Vec<Completion> {
 
 #[test]
 fn read_and_write_single_and_multi_segment() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(MIB);
     cfg.fill_seed = Some(1);
     let mut dev = SimDevice::new(cfg).unwrap();
@@ -81,6 +82,7 @@ fn read_and_write_single_and_multi_segment() {
 
 #[test]
 fn flush_succeeds() {
+    require_io_uring!();
     let mut dev = device(16, false);
     let c = run_req(&mut dev, 0, BlkRequest::flush());
     assert_eq!((c.status, c.len), (Some(S_OK), 1));
@@ -90,6 +92,7 @@ fn flush_succeeds() {
 
 #[test]
 fn get_id_returns_the_serial() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(MIB);
     cfg.serial = *b"0123456789abcdefghij";
     let mut dev = SimDevice::new(cfg).unwrap();
@@ -117,6 +120,7 @@ fn fill_range(dev: &mut SimDevice, sector: u64, bytes: usize, seed: u64) {
 
 #[test]
 fn discard_punches_a_hole() {
+    require_io_uring!();
     let mut dev = device(16, false);
     fill_range(&mut dev, 128, 64 << 10, 3);
     assert!(!dev.is_hole(128 * 512, 64 << 10).unwrap());
@@ -134,6 +138,7 @@ fn discard_punches_a_hole() {
 
 #[test]
 fn write_zeroes_with_unmap_leaves_a_hole() {
+    require_io_uring!();
     let mut dev = device(16, false);
     fill_range(&mut dev, 256, 64 << 10, 4);
     let c = run_req(
@@ -153,6 +158,7 @@ fn write_zeroes_with_unmap_leaves_a_hole() {
 
 #[test]
 fn write_zeroes_without_unmap_zeroes_and_keeps_blocks() {
+    require_io_uring!();
     let mut dev = device(16, false);
     fill_range(&mut dev, 256, 64 << 10, 5);
     let blocks = dev.allocated_blocks().unwrap();
@@ -182,6 +188,7 @@ fn write_zeroes_without_unmap_zeroes_and_keeps_blocks() {
 /// tmpfs has no FALLOC_FL_ZERO_RANGE: WRITE_ZEROES must fall back (punch + allocate).
 #[test]
 fn write_zeroes_falls_back_where_zero_range_is_unsupported() {
+    require_io_uring!();
     let shm = std::path::Path::new("/dev/shm");
     if !shm.is_dir() {
         eprintln!("no /dev/shm: fallback not exercised");
@@ -215,6 +222,7 @@ fn write_zeroes_falls_back_where_zero_range_is_unsupported() {
 
 #[test]
 fn discard_and_write_zeroes_segment_lists() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(4 * MIB);
     cfg.fill_seed = Some(8);
     let mut dev = SimDevice::new(cfg).unwrap();
@@ -389,16 +397,19 @@ fn random_io_against_model(event_idx: bool, seed: u64) {
 
 #[test]
 fn random_io_matches_reference_model() {
+    require_io_uring!();
     random_io_against_model(false, 0x5eed_0001);
 }
 
 #[test]
 fn random_io_matches_reference_model_with_event_idx() {
+    require_io_uring!();
     random_io_against_model(true, 0x5eed_0002);
 }
 
 #[test]
 fn multi_queue_workers_share_one_file() {
+    require_io_uring!();
     let cap = 4 * MIB;
     for queues in [2u16, 4] {
         let mut cfg = SimDeviceConfig::new(cap);
@@ -443,6 +454,7 @@ fn multi_queue_workers_share_one_file() {
 
 #[test]
 fn event_idx_suppresses_and_delivers_interrupts() {
+    require_io_uring!();
     let mut dev = device(64, true);
     let irq = std::sync::Arc::clone(dev.queues[0].irq());
     dev.queues[0].set_auto_used_event(false);
@@ -488,6 +500,7 @@ fn event_idx_suppresses_and_delivers_interrupts() {
 
 #[test]
 fn without_event_idx_every_batch_interrupts() {
+    require_io_uring!();
     let mut dev = device(64, false);
     for i in 0..5 {
         let c = run_req(&mut dev, 0, BlkRequest::read(i, 512));
@@ -505,6 +518,7 @@ fn without_event_idx_every_batch_interrupts() {
 
 #[test]
 fn kick_suppression_never_loses_a_request() {
+    require_io_uring!();
     // Publish one request at a time as fast as possible, kicking only when the device asks.
     for event_idx in [false, true] {
         let mut dev = device(32, event_idx);
@@ -541,6 +555,7 @@ fn kick_suppression_never_loses_a_request() {
 
 #[test]
 fn indirect_descriptors() {
+    require_io_uring!();
     let mut dev = device(8, true);
     let data = pattern(11, 16 << 10);
     let r = BlkRequest::write(64, &data).out_chunk(4096).indirect(true);
@@ -560,6 +575,7 @@ fn indirect_descriptors() {
 
 #[test]
 fn full_queue_every_descriptor_in_flight() {
+    require_io_uring!();
     // Direct: 128 two-descriptor reads fill a 256-entry table.
     let mut cfg = SimDeviceConfig::new(4 * MIB);
     cfg.fill_seed = Some(12);
@@ -617,6 +633,7 @@ fn run_sixteen_range_write_zeroes(mut dev: SimDevice, reqs: Vec<BlkRequest>) {
 
 #[test]
 fn full_queue_of_sixteen_segment_write_zeroes_is_throttled_not_lost() {
+    require_io_uring!();
     // 32 requests x 16 ranges = 512 fallocate ops, more than the worker's CQ holds at once.
     let mut cfg = SimDeviceConfig::new(4 * MIB);
     cfg.queue_size = 32;
@@ -641,6 +658,7 @@ fn full_queue_of_sixteen_segment_write_zeroes_is_throttled_not_lost() {
 
 #[test]
 fn every_queue_size_serves_requests() {
+    require_io_uring!();
     let mut size = 1u16;
     loop {
         let mut cfg = SimDeviceConfig::new(MIB);
@@ -670,6 +688,7 @@ fn every_queue_size_serves_requests() {
 
 #[test]
 fn ring_indices_wrap_around() {
+    require_io_uring!();
     for size in [1u16, 4, 256] {
         let mut cfg = SimDeviceConfig::new(MIB);
         cfg.queue_size = size;
@@ -725,6 +744,7 @@ fn check_all_once(done: &[Completion], n: u64) {
 
 #[test]
 fn stop_and_resume_without_loss_deterministic() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(4 * MIB);
     cfg.queue_size = 64;
     let mut dev = SimDevice::new(cfg).unwrap();
@@ -761,6 +781,7 @@ fn stop_and_resume_without_loss_deterministic() {
 
 #[test]
 fn stop_with_io_in_flight_resumes_without_loss() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(4 * MIB);
     cfg.queue_size = 64;
     let mut dev = SimDevice::new(cfg).unwrap();
@@ -823,6 +844,7 @@ fn stop_with_io_in_flight_resumes_without_loss() {
 /// allocate pair, doubling the operations in flight behind the throttle's back.
 #[test]
 fn write_zeroes_fallback_with_a_full_queue() {
+    require_io_uring!();
     let shm = std::path::Path::new("/dev/shm");
     if !shm.is_dir() {
         eprintln!("no /dev/shm: fallback not exercised");
@@ -844,6 +866,7 @@ fn write_zeroes_fallback_with_a_full_queue() {
 
 #[test]
 fn full_queue_at_the_largest_size() {
+    require_io_uring!();
     // 32768 requests in flight at once, one descriptor each (indirect): more than the
     // worker's submission queue holds, so it must submit in the middle of a drain.
     let mut cfg = SimDeviceConfig::new(16 * MIB);

@@ -11,6 +11,7 @@ use vduse_blkd::sim::{SimDevice, SimDeviceConfig};
 /// restart, published without a kick because the new worker had notifications disabled.)
 #[test]
 fn ring_corrupt_before_the_first_submit_still_ends_the_worker() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(1 << 20);
     cfg.queue_size = 16;
     let mut dev = SimDevice::create(cfg).expect("device");

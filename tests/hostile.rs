@@ -104,6 +104,7 @@ fn finish(dev: SimDevice) {
 
 #[test]
 fn header_too_short_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let c = builder(&d)
         .readable(&header(T_IN, 0)[..15])
@@ -121,6 +122,7 @@ fn header_too_short_is_ioerr() {
 
 #[test]
 fn header_split_oddly_across_descriptors_is_served() {
+    require_io_uring!();
     let mut d = dev();
     // 7-byte pieces: the header spans three descriptors, the last shared with data.
     let data = pattern(1, 1024);
@@ -146,6 +148,7 @@ fn header_split_oddly_across_descriptors_is_served() {
 
 #[test]
 fn header_in_a_device_writable_descriptor_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let mut b = builder(&d).writable(16).unwrap();
     let hdr_addr = b.chain_mut().descs[0].addr;
@@ -162,6 +165,7 @@ fn header_in_a_device_writable_descriptor_is_ioerr() {
 
 #[test]
 fn header_at_an_unmapped_iova_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let c = builder(&d)
         .desc(Desc::readable(FREE_IOVA + 0x10_0000, 16))
@@ -179,6 +183,7 @@ fn header_at_an_unmapped_iova_is_ioerr() {
 
 #[test]
 fn status_descriptor_read_only_gets_no_status() {
+    require_io_uring!();
     let mut d = dev();
     // IN whose last descriptor (the would-be status) is device-readable.
     let mut b = builder(&d)
@@ -211,6 +216,7 @@ fn status_descriptor_read_only_gets_no_status() {
 
 #[test]
 fn readable_descriptor_after_the_status_gets_no_status() {
+    require_io_uring!();
     let mut d = dev();
     let mut b = builder(&d)
         .readable(&header(T_FLUSH, 0))
@@ -231,6 +237,7 @@ fn readable_descriptor_after_the_status_gets_no_status() {
 
 #[test]
 fn status_descriptor_zero_length_gets_used_len_zero() {
+    require_io_uring!();
     let mut d = dev();
     let c = builder(&d)
         .readable(&header(T_FLUSH, 0))
@@ -269,6 +276,7 @@ fn status_descriptor_zero_length_gets_used_len_zero() {
 
 #[test]
 fn status_byte_in_read_only_memory_gets_used_len_zero() {
+    require_io_uring!();
     let mut d = dev();
     d.mem.add_region(FREE_IOVA, 4096, PROT_RO).unwrap();
     d.mem.write(FREE_IOVA, &[POISON]).unwrap();
@@ -285,6 +293,7 @@ fn status_byte_in_read_only_memory_gets_used_len_zero() {
 
 #[test]
 fn status_byte_outside_every_region_gets_used_len_zero() {
+    require_io_uring!();
     let mut d = dev();
     let c = builder(&d)
         .readable(&header(T_IN, 0))
@@ -304,6 +313,7 @@ fn status_byte_outside_every_region_gets_used_len_zero() {
 
 #[test]
 fn in_with_device_readable_data_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let before = d.backing_read(0, 4096).unwrap();
     let c = builder(&d)
@@ -322,6 +332,7 @@ fn in_with_device_readable_data_is_ioerr() {
 
 #[test]
 fn out_with_device_writable_data_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let before = d.backing_read(0, 4096).unwrap();
     let c = builder(&d)
@@ -341,6 +352,7 @@ fn out_with_device_writable_data_is_ioerr() {
 
 #[test]
 fn flush_or_get_id_with_wrong_data_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let c = builder(&d)
         .readable(&header(T_FLUSH, 0))
@@ -377,6 +389,7 @@ fn flush_or_get_id_with_wrong_data_is_ioerr() {
 
 #[test]
 fn sector_past_capacity_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let last = CAP / 512;
     let before = d.backing_read(CAP - 4096, 4096).unwrap();
@@ -414,6 +427,7 @@ fn sector_past_capacity_is_ioerr() {
 
 #[test]
 fn sector_times_512_plus_length_overflowing_u64_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     // sector * 512 overflows.
     expect_req(
@@ -445,6 +459,7 @@ fn sector_times_512_plus_length_overflowing_u64_is_ioerr() {
 
 #[test]
 fn length_not_a_multiple_of_512_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let before = d.backing_read(0, 4096).unwrap();
     let c = expect_req(&mut d, BlkRequest::read(0, 100), Outcome::Status(S_IOERR));
@@ -467,6 +482,7 @@ fn length_not_a_multiple_of_512_is_ioerr() {
 
 #[test]
 fn unknown_request_type_is_unsupp() {
+    require_io_uring!();
     let mut d = dev();
     for t in [2u32, 3, 5, 9, 12, 99, u32::MAX] {
         expect_req(&mut d, BlkRequest::new(t, 0), Outcome::Status(S_UNSUPP));
@@ -482,6 +498,7 @@ fn unknown_request_type_is_unsupp() {
 
 #[test]
 fn zero_length_descriptors_are_skipped() {
+    require_io_uring!();
     let mut d = dev();
     let data = pattern(2, 1024);
     let mut b = builder(&d)
@@ -517,6 +534,7 @@ fn zero_length_descriptors_are_skipped() {
 
 #[test]
 fn four_gib_descriptors_are_refused_without_touching_anything() {
+    require_io_uring!();
     // 8 GiB sparse device, so capacity is not what refuses a 4 GiB transfer.
     let mut cfg = SimDeviceConfig::new(8 << 30);
     cfg.queue_size = 16;
@@ -571,6 +589,7 @@ fn four_gib_descriptors_are_refused_without_touching_anything() {
 
 #[test]
 fn too_many_data_segments_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let before = d.backing_read(0, 1025 * 512).unwrap();
     // 1025 segments is one more than a readv takes (IOV_MAX).
@@ -597,6 +616,7 @@ fn dwz(t: u32, payload: &[u8]) -> BlkRequest {
 
 #[test]
 fn dwz_bad_segment_count_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let before = d.backing_read(0, CAP as usize).unwrap();
     let one = DwzSeg::payload(&[seg(0, 8, 0)]);
@@ -616,6 +636,7 @@ fn dwz_bad_segment_count_is_ioerr() {
 
 #[test]
 fn dwz_bad_flags_are_unsupp() {
+    require_io_uring!();
     let mut d = dev();
     let before = d.backing_read(0, CAP as usize).unwrap();
     // UNMAP is a WRITE_ZEROES flag only; any reserved bit is refused for both.
@@ -637,6 +658,7 @@ fn dwz_bad_flags_are_unsupp() {
 
 #[test]
 fn dwz_range_past_capacity_or_empty_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let before = d.backing_read(0, CAP as usize).unwrap();
     let last = CAP / 512;
@@ -658,6 +680,7 @@ fn dwz_range_past_capacity_or_empty_is_ioerr() {
 
 #[test]
 fn get_id_with_a_short_buffer_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let mut r = BlkRequest::get_id();
     r.in_len = 19;
@@ -675,6 +698,7 @@ fn get_id_with_a_short_buffer_is_ioerr() {
 
 #[test]
 fn get_id_into_read_only_memory_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     d.mem.add_region(FREE_IOVA, 4096, PROT_RO).unwrap();
     d.mem.fill(FREE_IOVA, 20, POISON).unwrap();
@@ -693,6 +717,7 @@ fn get_id_into_read_only_memory_is_ioerr() {
 
 #[test]
 fn writes_to_a_read_only_device_are_ioerr() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(CAP);
     cfg.read_only = true;
     cfg.fill_seed = Some(77);
@@ -741,6 +766,7 @@ fn writes_to_a_read_only_device_are_ioerr() {
 
 #[test]
 fn data_outside_every_mapped_region_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     let before = d.backing_read(0, 4096).unwrap();
     let hole = FREE_IOVA + 0x4000_0000;
@@ -786,6 +812,7 @@ fn data_outside_every_mapped_region_is_ioerr() {
 
 #[test]
 fn a_descriptor_across_a_region_boundary_is_split_and_served() {
+    require_io_uring!();
     let mut d = dev();
     // Map the heap first, so that only the new regions are looked up below.
     assert_serves(&mut d, 0, 8);
@@ -834,6 +861,7 @@ fn expect_ok_read(d: &mut SimDevice, c: Chain, len: u32) -> Completion {
 
 #[test]
 fn in_buffer_in_read_only_memory_is_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     d.mem.add_region(FREE_IOVA, 0x2000, PROT_RO).unwrap();
     d.mem.fill(FREE_IOVA, 0x2000, POISON).unwrap();
@@ -868,6 +896,7 @@ fn in_buffer_in_read_only_memory_is_ioerr() {
 
 #[test]
 fn buffers_in_no_access_memory_are_ioerr() {
+    require_io_uring!();
     let mut d = dev();
     d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
     let before = d.backing_read(0, 4096).unwrap();
@@ -896,6 +925,7 @@ fn buffers_in_no_access_memory_are_ioerr() {
 
 #[test]
 fn indirect_table_at_an_unmapped_iova_gets_used_len_zero() {
+    require_io_uring!();
     let mut d = dev();
     let c = builder(&d)
         .indirect(Indirect::Raw {
@@ -920,6 +950,7 @@ fn indirect_table_at_an_unmapped_iova_gets_used_len_zero() {
 
 #[test]
 fn indirect_table_with_a_bad_length_breaks_the_device() {
+    require_io_uring!();
     for len in [0u32, 24, 17 * 1024 * 1024] {
         let mut d = dev();
         let table = d.mem.alloc(64, 16).unwrap();
@@ -933,6 +964,7 @@ fn indirect_table_with_a_bad_length_breaks_the_device() {
 
 #[test]
 fn indirect_table_inside_an_indirect_table_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     let inner = builder(&d)
         .readable(&header(T_FLUSH, 0))
@@ -966,6 +998,7 @@ fn indirect_table_inside_an_indirect_table_breaks_the_device() {
 
 #[test]
 fn indirect_descriptor_loop_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
     let c = builder(&d)
@@ -989,6 +1022,7 @@ fn indirect_descriptor_loop_breaks_the_device() {
 
 #[test]
 fn indirect_next_index_out_of_range_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     let c = builder(&d)
         .readable(&header(T_FLUSH, 0))
@@ -1007,6 +1041,7 @@ fn indirect_next_index_out_of_range_breaks_the_device() {
 
 #[test]
 fn indirect_chain_longer_than_the_queue_is_served() {
+    require_io_uring!();
     // The spec forbids chains longer than the queue, but an indirect table is bounded by its
     // own length; the worker accepts it (as QEMU does), up to IOV_MAX data segments.
     let mut cfg = SimDeviceConfig::new(CAP);
@@ -1032,6 +1067,7 @@ fn expect_req_ok(d: &mut SimDevice, r: BlkRequest) -> Completion {
 
 #[test]
 fn direct_descriptor_loop_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
     let ids = d.queues[0].alloc_descs(2).unwrap();
@@ -1047,6 +1083,7 @@ fn direct_descriptor_loop_breaks_the_device() {
 
 #[test]
 fn descriptor_pointing_at_itself_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
     let ids = d.queues[0].alloc_descs(1).unwrap();
@@ -1059,6 +1096,7 @@ fn descriptor_pointing_at_itself_breaks_the_device() {
 
 #[test]
 fn chain_longer_than_the_queue_breaks_the_device() {
+    require_io_uring!();
     // Every descriptor of an 8-entry table in one chain, and then back to the start.
     let mut cfg = SimDeviceConfig::new(CAP);
     cfg.queue_size = 8;
@@ -1077,6 +1115,7 @@ fn chain_longer_than_the_queue_breaks_the_device() {
 
 #[test]
 fn chain_exactly_as_long_as_the_queue_is_served() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(CAP);
     cfg.queue_size = 8;
     let mut d = SimDevice::new(cfg).unwrap();
@@ -1091,6 +1130,7 @@ fn chain_exactly_as_long_as_the_queue_is_served() {
 
 #[test]
 fn next_index_out_of_range_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
     let ids = d.queues[0].alloc_descs(1).unwrap();
@@ -1103,6 +1143,7 @@ fn next_index_out_of_range_breaks_the_device() {
 
 #[test]
 fn head_index_out_of_range_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     let q = &mut d.queues[0];
     q.add_head(256, None).unwrap();
@@ -1113,6 +1154,7 @@ fn head_index_out_of_range_breaks_the_device() {
 
 #[test]
 fn avail_idx_jumping_by_more_than_the_queue_size_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     assert_serves(&mut d, 0, 8);
     let q = &mut d.queues[0];
@@ -1124,6 +1166,7 @@ fn avail_idx_jumping_by_more_than_the_queue_size_breaks_the_device() {
 
 #[test]
 fn avail_idx_jumping_by_exactly_the_queue_size_is_served() {
+    require_io_uring!();
     // A full ring of the same valid head is legal only if it is not in flight; here the
     // chains are all distinct FLUSH requests, the largest jump a driver may make.
     let mut cfg = SimDeviceConfig::new(CAP);
@@ -1143,6 +1186,7 @@ fn avail_idx_jumping_by_exactly_the_queue_size_is_served() {
 
 #[test]
 fn same_head_posted_twice_while_in_flight_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     let c = chain(&d, &BlkRequest::read(0, 4096));
     let q = &mut d.queues[0];
@@ -1156,6 +1200,7 @@ fn same_head_posted_twice_while_in_flight_breaks_the_device() {
 
 #[test]
 fn same_head_posted_again_after_completion_is_served() {
+    require_io_uring!();
     let mut d = dev();
     let c = chain(&d, &BlkRequest::flush());
     let mut first = c.clone();
@@ -1182,6 +1227,7 @@ fn same_head_posted_again_after_completion_is_served() {
 
 #[test]
 fn rings_in_unusable_memory_break_the_device_at_start() {
+    require_io_uring!();
     // Used ring in read-only memory: the device cannot publish anything.
     let mut cfg = SimDeviceConfig::new(CAP);
     cfg.queue_size = 16;
@@ -1206,6 +1252,7 @@ fn rings_in_unusable_memory_break_the_device_at_start() {
 
 #[test]
 fn device_writable_flag_on_an_indirect_descriptor_is_ignored_safely() {
+    require_io_uring!();
     // INDIRECT | WRITE is forbidden for drivers; the table is still only read.
     let mut d = dev();
     let c = builder(&d)
@@ -1234,6 +1281,7 @@ fn device_writable_flag_on_an_indirect_descriptor_is_ignored_safely() {
 
 #[test]
 fn avail_idx_moving_backwards_breaks_the_device() {
+    require_io_uring!();
     let mut d = dev();
     assert_serves(&mut d, 0, 8);
     let q = &mut d.queues[0];
@@ -1245,6 +1293,7 @@ fn avail_idx_moving_backwards_breaks_the_device() {
 
 #[test]
 fn broken_ring_waits_for_io_in_flight() {
+    require_io_uring!();
     let mut d = dev();
     // Ten valid reads, then a looping chain, in one batch: the reads are already queued to
     // io_uring when the loop is found.
@@ -1274,6 +1323,7 @@ fn broken_ring_waits_for_io_in_flight() {
 
 #[test]
 fn in_buffer_overlapping_the_descriptor_table_is_served() {
+    require_io_uring!();
     // The driver lends its own descriptor table as the data buffer of a read. The chain was
     // walked before the read lands, so the request completes normally.
     let mut d = dev();
@@ -1296,6 +1346,7 @@ fn in_buffer_overlapping_the_descriptor_table_is_served() {
 
 #[test]
 fn same_head_reposted_with_a_changed_chain_while_in_flight_breaks_the_device() {
+    require_io_uring!();
     // Head B (an indirect read) is in flight when it is posted again; by then a GET_ID that
     // ran in between has rewritten B's table entry to name an unmapped indirect table. The
     // duplicate must be caught whatever the chain now looks like: no used entry may be
@@ -1331,6 +1382,7 @@ fn same_head_reposted_with_a_changed_chain_while_in_flight_breaks_the_device() {
 
 #[test]
 fn bad_queue_size_or_misaligned_rings_are_refused_at_start() {
+    require_io_uring!();
     let mut cfg = SimDeviceConfig::new(CAP);
     cfg.queue_size = 16;
     // A size that is not a power of two.

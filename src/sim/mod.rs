@@ -22,6 +22,7 @@
 //! use std::time::Duration;
 //! use vduse_blkd::sim::{blk::{BlkRequest, S_OK}, device::{SimDevice, SimDeviceConfig}};
 //!
+//! # if !vduse_blkd::sim::io_uring_available() { return; }
 //! let mut dev = SimDevice::new(SimDeviceConfig::new(1 << 20)).unwrap();
 //! let w = BlkRequest::write(8, &[7u8; 512]).chain(&dev.mem).unwrap();
 //! let c = dev.queues[0].run(w, Duration::from_secs(5)).unwrap();
@@ -93,4 +94,20 @@ impl From<nix::errno::Errno> for SimError {
     fn from(e: nix::errno::Errno) -> Self {
         SimError::Io(e.into())
     }
+}
+
+/// Whether this process may create an io_uring. Where the kernel blocks it (ENOSYS: built
+/// without io_uring; EPERM: `kernel.io_uring_disabled`, a seccomp filter), prints why on
+/// stderr once and returns false, so that tests needing a worker can skip instead of fail,
+/// as the io-uring crate's own tests do. Any other error is a real failure: it panics.
+pub fn io_uring_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| match io_uring::IoUring::new(2) {
+        Ok(_) => true,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+            eprintln!("skipping tests that need io_uring: io_uring_setup is blocked here ({e})");
+            false
+        }
+        Err(e) => panic!("io_uring_setup failed: {e}"),
+    })
 }

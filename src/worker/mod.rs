@@ -629,6 +629,9 @@ mod tests {
     /// buffer still owned, and releases them only once shutdown has reaped every CQE.
     #[test]
     fn a_uring_failure_mid_flight_releases_buffers_only_after_their_cqes() {
+        if !crate::sim::io_uring_available() {
+            return;
+        }
         let mut cfg = SimDeviceConfig::new(1 << 20);
         cfg.queue_size = 16;
         let mut d = SimDevice::create(cfg).unwrap();

@@ -7,6 +7,16 @@ use vduse_blkd::sim::blk::{BlkRequest, DwzSeg, S_OK};
 use vduse_blkd::sim::{Chain, Completion, SimDevice, SimDeviceConfig, SimRng};
 use vduse_blkd::worker::{WorkerError, WorkerExit};
 
+/// Return from the calling test, with a message, where this kernel blocks io_uring.
+#[macro_export]
+macro_rules! require_io_uring {
+    () => {
+        if !vduse_blkd::sim::io_uring_available() {
+            return;
+        }
+    };
+}
+
 /// Generous: requests complete in microseconds; this only bounds a hang.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 

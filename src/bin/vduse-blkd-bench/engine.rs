@@ -302,6 +302,9 @@ mod tests {
 
     #[test]
     fn null_backing_completes_reads_and_writes() {
+        if !vduse_blkd::sim::io_uring_available() {
+            return;
+        }
         for rw in [Pattern::RandRead, Pattern::RandWrite] {
             let r = run(&quick(BenchBacking::Null, rw), &mut |_| {}).unwrap();
             assert_eq!(r.errors, 0, "{r:?}");
@@ -312,6 +315,9 @@ mod tests {
 
     #[test]
     fn file_backing_two_queues_direct_chains() {
+        if !vduse_blkd::sim::io_uring_available() {
+            return;
+        }
         let d = tempfile::tempdir().unwrap();
         let mut o = quick(
             BenchBacking::Path(d.path().join("f.img")),
