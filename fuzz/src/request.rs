@@ -523,7 +523,8 @@ fn check_accepted(mem: &SimMemory, segs: &[Segment], limits: &DeviceLimits, req:
         assert!(
             segs.iter().any(|s| s.write == dev_writes
                 && d.addr >= s.addr
-                && d.addr + u64::from(d.len) <= s.addr + u64::from(s.len)),
+                && u128::from(d.addr) + u128::from(d.len)
+                    <= u128::from(s.addr) + u128::from(s.len)),
             "data {d:?} not inside one descriptor of the right direction"
         );
     }
