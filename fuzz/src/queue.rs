@@ -157,13 +157,24 @@ fn expect(r: &Req, read_only: bool) -> (u8, u32) {
     };
     match r.kind {
         Kind::Unknown(_) => (S_UNSUPP, 1),
-        Kind::Discard if r.unmap => (S_UNSUPP, 1),
         _ if writes && read_only => (S_IOERR, 1),
+        Kind::Discard if r.unmap => (S_UNSUPP, 1),
         Kind::In | Kind::Out if !fits(u64::from(r.sector)) => (S_IOERR, 1),
+        // The worker passes at most IOV_MAX (1024) iovecs to one readv/writev.
+        Kind::In | Kind::Out if data_pieces(r, 512 * n) > 1024 => (S_IOERR, 1),
         Kind::Discard | Kind::WriteZeroes if !ranges(r).iter().all(|d| fits(d.sector)) => {
             (S_IOERR, 1)
         }
         _ => (S_OK, ok_len),
+    }
+}
+
+/// How many descriptors carry the `len` data bytes of an In/Out request.
+fn data_pieces(r: &Req, len: u64) -> u64 {
+    match (r.kind, u64::from(r.out_chunk), u64::from(r.in_chunk)) {
+        (Kind::Out, 0, _) | (Kind::In, _, 0) => 1,
+        (Kind::Out, c, _) => (16 + len).div_ceil(c) - 16 / c,
+        (_, _, c) => len.div_ceil(c),
     }
 }
 
@@ -240,6 +251,17 @@ fn raw_chain(q: &SimQueue, kind: Kind, sector: u16, indirect: bool, descs: &[Raw
         },
         allocs: vec![(buf, SCRATCH)],
         tag: 0,
+    }
+}
+
+/// Allocate an indirect table ourselves (listed in `allocs`), so that a chain the worker never
+/// answers can be freed in full.
+fn own_table(q: &SimQueue, chain: &mut Chain) {
+    if chain.indirect == Indirect::Table {
+        let len = 16 * chain.descs.len() as u64;
+        let t = q.mem().alloc(len, 16).expect("indirect table");
+        chain.indirect = Indirect::TableAt(t);
+        chain.allocs.push((t, len));
     }
 }
 
@@ -372,7 +394,8 @@ fn run_batch(d: &mut Dev, batch: &Batch) {
                 if q.free_descs() < blk_request(r).desc_count() {
                     continue;
                 }
-                let chain = blk_request(r).chain(q.mem()).expect("request chain");
+                let mut chain = blk_request(r).chain(q.mem()).expect("request chain");
+                own_table(q, &mut chain);
                 let allocs = chain.allocs.clone();
                 let head = q.add(chain).expect("post request");
                 Posted {
@@ -391,7 +414,8 @@ fn run_batch(d: &mut Dev, batch: &Batch) {
                 if descs.is_empty() || q.free_descs() < need {
                     continue;
                 }
-                let chain = raw_chain(q, *kind, *sector, *indirect, descs);
+                let mut chain = raw_chain(q, *kind, *sector, *indirect, descs);
+                own_table(q, &mut chain);
                 let writable = chain
                     .descs
                     .iter()
@@ -567,7 +591,7 @@ fn check_batch(d: &mut Dev, posted: &[Posted], done: &[Completion], dup: Option<
     // Update the model from what was acknowledged.
     for p in posted {
         let What::Request(r) = &p.what else { continue };
-        if expect(r, read_only).0 != S_OK {
+        if !writes(r.kind) || expect(r, read_only).0 != S_OK {
             continue;
         }
         for (i, s) in touched(r).enumerate() {
