@@ -1,61 +1,45 @@
 //! Replay fuzz inputs without libFuzzer, timing each: `cargo run --release --example replay
-//! -- TARGET FILE_OR_DIR...` (a crash reproduces with a normal backtrace).
+//! -- TARGET FILE_OR_DIR...` (a crash reproduces with a normal backtrace; `PRINT=1` prints
+//! the decoded input first).
 use std::path::Path;
 use std::time::Instant;
 
-use vduse_blkd_fuzz::wire::Wire;
+use arbitrary::{Arbitrary, Unstructured};
+use vduse_blkd_fuzz::{queue, request};
+
+/// A target's harness and its pretty-printer of decoded inputs.
+type Target = (fn(&[u8]), fn(&[u8]) -> String);
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let target = args
         .next()
         .expect("usage: replay request|queue FILE_OR_DIR...");
-    let run: fn(&[u8]) = match target.as_str() {
-        "request" => vduse_blkd_fuzz::request::fuzz,
-        "queue" => vduse_blkd_fuzz::queue::fuzz,
+    let (run, print): Target = match target.as_str() {
+        "request" => (request::fuzz, |d| decoded::<request::RequestInput>(d)),
+        "queue" => (queue::fuzz, |d| decoded::<queue::QueueInput>(d)),
         t => panic!("unknown target {t}"),
     };
     let mut files = Vec::new();
     for a in args {
         let p = Path::new(&a);
         if p.is_dir() {
-            for e in std::fs::read_dir(p).expect("directory") {
-                files.push(e.expect("entry").path());
-            }
+            files.extend(
+                std::fs::read_dir(p)
+                    .expect("directory")
+                    .map(|e| e.expect("entry").path()),
+            );
         } else {
             files.push(p.to_path_buf());
         }
     }
     files.sort();
-    // REPEAT=n: run the list n times, rotated by a different offset each time (state carries
-    // over between inputs, as in a libFuzzer process).
-    let repeat: usize = std::env::var("REPEAT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let base = files.clone();
-    for r in 1..repeat {
-        let mut v = base.clone();
-        v.rotate_left((r * 7919) % base.len().max(1));
-        files.extend(v);
-    }
     let start = Instant::now();
     let mut slowest = (0.0f64, None);
     for f in &files {
         let data = std::fs::read(f).expect("input");
         if std::env::var_os("PRINT").is_some() {
-            match target.as_str() {
-                "request" => {
-                    println!(
-                        "{f:?}: {:#?}",
-                        vduse_blkd_fuzz::request::RequestInput::from_bytes(&data)
-                    )
-                }
-                _ => println!(
-                    "{f:?}: {:#?}",
-                    vduse_blkd_fuzz::queue::QueueInput::from_bytes(&data)
-                ),
-            }
+            println!("{f:?}: {}", print(&data));
         }
         let t = Instant::now();
         run(&data);
@@ -66,10 +50,16 @@ fn main() {
     }
     let total = start.elapsed().as_secs_f64();
     println!(
-        "{} inputs in {total:.3} s ({:.0}/s); slowest {:.1} ms: {:?}",
+        "{} inputs in {total:.3} s; slowest {:.1} ms: {:?}",
         files.len(),
-        files.len() as f64 / total.max(1e-9),
         slowest.0 * 1e3,
         slowest.1
     );
+}
+
+fn decoded<T: for<'a> Arbitrary<'a> + std::fmt::Debug>(data: &[u8]) -> String {
+    match T::arbitrary_take_rest(Unstructured::new(data)) {
+        Ok(v) => format!("{v:#?}"),
+        Err(e) => format!("(does not decode: {e})"),
+    }
 }
