@@ -112,17 +112,18 @@ impl<E: QueueEdge> Worker<E> {
             Dwz::Punch => (Op::WzPunch, punch),
             Dwz::Zero => (Op::WzZero, libc::FALLOC_FL_ZERO_RANGE | keep),
             Dwz::Pair => {
-                let token = OpToken::new(head, Op::WzPairPunch, seg);
-                let r = self
-                    .uring
-                    .push_fallocate(token, s.offset, s.len, punch, true);
-                self.queued(head, r)?;
-                (Op::WzPairAlloc, keep)
+                let r = self.uring.push_fallocate_pair(
+                    (OpToken::new(head, Op::WzPairPunch, seg), punch),
+                    (OpToken::new(head, Op::WzPairAlloc, seg), keep),
+                    s.offset,
+                    s.len,
+                );
+                return self.queued(head, r);
             }
         };
-        let r =
-            self.uring
-                .push_fallocate(OpToken::new(head, op, seg), s.offset, s.len, mode, false);
+        let r = self
+            .uring
+            .push_fallocate(OpToken::new(head, op, seg), s.offset, s.len, mode);
         self.queued(head, r)
     }
 

@@ -375,23 +375,46 @@ impl Uring {
         self.push_request(token, sqe)
     }
 
-    /// Queue fallocate(`mode`) of `[offset, offset+len)`; `link` chains it to the next SQE.
+    /// Queue fallocate(`mode`) of `[offset, offset+len)`.
     pub(crate) fn push_fallocate(
         &mut self,
         token: OpToken,
         offset: u64,
         len: u64,
         mode: i32,
-        link: bool,
     ) -> Result<(), Rejected> {
-        let mut sqe = opcode::Fallocate::new(types::Fixed(0), len)
-            .offset(offset)
-            .mode(mode)
-            .build();
-        if link {
-            sqe = sqe.flags(squeue::Flags::IO_LINK);
+        self.push_request(token, fallocate(offset, len, mode))
+    }
+
+    /// Queue two fallocates of `[offset, offset+len)`, the second linked after the first
+    /// (`IO_LINK`: it runs only once the first succeeded). Room for both is made first, so
+    /// that the pair is never split by a submission (a link that ends a submission would
+    /// let the second run on its own) and a refusal can only come before anything is queued:
+    /// a linked SQE never dangles onto some later, unrelated one.
+    pub(crate) fn push_fallocate_pair(
+        &mut self,
+        first: (OpToken, i32),
+        second: (OpToken, i32),
+        offset: u64,
+        len: u64,
+    ) -> Result<(), Rejected> {
+        loop {
+            let sq = self.ring.submission();
+            if sq.capacity() - sq.len() >= 2 {
+                break;
+            }
+            drop(sq);
+            if let Err(source) = self.ring.submit() {
+                return Err(Rejected {
+                    token: first.0,
+                    source,
+                });
+            }
         }
-        self.push_request(token, sqe)
+        let linked = fallocate(offset, len, first.1).flags(squeue::Flags::IO_LINK);
+        self.push_request(first.0, linked)?;
+        // Cannot fail: the room was made above and nothing was submitted in between.
+        self.push_request(second.0, fallocate(offset, len, second.1))
     }
 
     /// Arm the read of eventfd `fd` into its buffer.
@@ -535,6 +558,14 @@ impl Drop for Uring {
     }
 }
 
+/// An fallocate(`mode`) SQE of `[offset, offset+len)` on the registered backing.
+fn fallocate(offset: u64, len: u64, mode: i32) -> squeue::Entry {
+    opcode::Fallocate::new(types::Fixed(0), len)
+        .offset(offset)
+        .mode(mode)
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +573,37 @@ mod tests {
 
     fn pipe() -> (OwnedFd, OwnedFd) {
         nix::unistd::pipe().unwrap()
+    }
+
+    #[test]
+    fn a_linked_pair_is_never_split_by_a_full_submission_queue() {
+        if !crate::sim::io_uring_available() {
+            return;
+        }
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let mut u = Uring::new(2, f.as_raw_fd(), false).unwrap();
+        // Leave exactly one free SQE.
+        let cap = u.ring.submission().capacity();
+        for i in 0..cap - 1 {
+            u.push_fsync(OpToken::new(0, Op::Flush, i as u16)).unwrap();
+        }
+        assert_eq!(u.ring.submission().len(), cap - 1);
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        u.push_fallocate_pair(
+            (
+                OpToken::new(1, Op::WzPairPunch, 0),
+                libc::FALLOC_FL_PUNCH_HOLE | keep,
+            ),
+            (OpToken::new(1, Op::WzPairAlloc, 0), keep),
+            0,
+            4096,
+        )
+        .unwrap();
+        // The fsyncs went in a submission of their own; the pair waits, together, for the next.
+        assert_eq!(u.ring.submission().len(), 2);
+        assert_eq!(u.pending(1), 2);
+        u.shutdown().unwrap();
     }
 
     #[test]
