@@ -692,17 +692,14 @@ pub const DESTROY_DEADLINE: Duration = Duration::from_secs(5);
 #[cfg(test)]
 mod tests;
 
-/// An error and its `source()` chain on one line ("a: b: c"), for the operator's message.
-/// Variants that already print their cause in their own message are not repeated.
+/// An error and its `source()` chain on one line ("a: b: c"), for the operator's message
+/// (the worker's errors keep their causes as sources, not in their own text).
 fn with_causes(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.ends_with(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
+        out.push_str(": ");
+        out.push_str(&c.to_string());
         cur = c.source();
     }
     out

@@ -28,7 +28,7 @@ pub enum WorkerError {
         stats: Box<QueueStats>,
     },
     /// Setting up the ring or the thread failed.
-    #[error("queue {queue}: setup failed: {source}")]
+    #[error("queue {queue}: setup failed")]
     Setup {
         /// Queue index.
         queue: u16,
@@ -37,7 +37,7 @@ pub enum WorkerError {
         source: io::Error,
     },
     /// io_uring itself failed.
-    #[error("queue {queue}: io_uring failed: {source}")]
+    #[error("queue {queue}: io_uring failed")]
     Uring {
         /// Queue index.
         queue: u16,

@@ -626,3 +626,15 @@ fn stop_wakes_an_idle_loop_at_once() {
     assert_eq!(stats.reads, 1);
     assert!(h.shared.log().contains(&Ev::Stopped(0)));
 }
+
+#[test]
+fn a_worker_error_is_reported_with_its_causes_once() {
+    let e = WorkerError::Setup {
+        queue: 2,
+        source: std::io::Error::from_raw_os_error(libc::EPERM),
+    };
+    let msg = super::with_causes(&e);
+    assert!(msg.starts_with("queue 2: setup failed: "), "{msg}");
+    let errno = std::io::Error::from_raw_os_error(libc::EPERM).to_string();
+    assert_eq!(msg.matches(&errno).count(), 1, "{msg}");
+}
