@@ -18,6 +18,7 @@
 //! SUSPEND) as they behave, error codes included. Must not touch: device creation or
 //! anything on a device fd.
 
+use crate::uapi::vduse as u;
 use nix::errno::Errno;
 use serde::Serialize;
 use thiserror::Error;
@@ -27,9 +28,10 @@ pub const SUPPORTED_VERSIONS: [u64; 2] = [0, 1];
 /// The highest version a probe asks the kernel about (to report what it offers).
 pub const PROBE_MAX_VERSION: u64 = 4;
 /// The optional VDUSE features (bits of `VDUSE_GET_FEATURES`) this program implements and
-/// so enables. None yet: `VDUSE_F_QUEUE_READY` and `VDUSE_F_SUSPEND` (Linux 7.3) need the
-/// message loop to handle `VDUSE_SET_VQ_READY` and `VDUSE_SUSPEND` first.
-pub const SUPPORTED_FEATURES: u64 = 0;
+/// so enables: `VDUSE_F_QUEUE_READY` (the message loop starts and stops one queue on
+/// `VDUSE_SET_VQ_READY`) and `VDUSE_F_SUSPEND` (it completes every in-flight request and
+/// parks the queues on `VDUSE_SUSPEND`). See [`crate::control::device`].
+pub const SUPPORTED_FEATURES: u64 = (1 << u::VDUSE_F_QUEUE_READY) | (1 << u::VDUSE_F_SUSPEND);
 
 /// A negotiated VDUSE API version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -3,7 +3,8 @@
 //!
 //! Owns: the device's virtio status as we acknowledged it, the queue workers (started at
 //! DRIVER_OK, stopped at reset), the saved ring positions between a quiesce and a restart,
-//! and the replies to `SET_STATUS`, `GET_VQ_STATE`, `UPDATE_IOTLB` and `SET_VQ_GROUP_ASID`.
+//! and the replies to `SET_STATUS`, `GET_VQ_STATE`, `UPDATE_IOTLB`, `SET_VQ_GROUP_ASID`,
+//! and (Linux 7.3, where negotiated) `SET_VQ_READY` and `SUSPEND`.
 //! Must not touch: device creation/destruction or the vdpa bus (that is [`super::daemon`]).
 //!
 //! Rules from the kernel (see shared research, vduse-kernel.md):
@@ -12,6 +13,15 @@
 //!   dropped *before* the reply, and re-created at the next DRIVER_OK;
 //! - `UPDATE_IOTLB` means "every cached mapping is stale": workers are quiesced (in-flight I/O
 //!   completed) and restarted with empty mappings before the reply.
+//! - `SET_VQ_READY` (7.3, `VDUSE_F_QUEUE_READY`): the kernel sets the queue's ready flag only
+//!   after our reply, and marks the device broken if we refuse. Disabling a running queue
+//!   quiesces that one worker and keeps its position; enabling it after DRIVER_OK starts it
+//!   again from there (the ring was never reset). Before DRIVER_OK it is only recorded by the
+//!   kernel: DRIVER_OK starts the queues it reports ready.
+//! - `SUSPEND` (7.3, `VDUSE_F_SUSPEND`): every worker completes what it fetched, publishes the
+//!   used entries and injects its interrupt *before* the reply, because once the kernel has
+//!   our reply it ignores kicks and refuses interrupts. Nothing resumes a suspended device but
+//!   a reset.
 //!
 //! The loop reaches the device only through [`DeviceOps`] (the real one is
 //! [`DeviceFd`]) and starts workers only through [`QueueWorkers`] (the real one is
@@ -348,6 +358,8 @@ struct MessageLoop<D: DeviceOps, W: QueueWorkers> {
     stats: QueueStats,
     events: EventSender,
     broken: bool,
+    /// A `SUSPEND` was answered: no queue runs again until a reset.
+    suspended: bool,
 }
 
 /// What one `poll` of the loop found.
@@ -377,6 +389,7 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
             stats: QueueStats::default(),
             events,
             broken: false,
+            suspended: false,
         }
     }
 
@@ -471,6 +484,23 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
                     failed
                 }
             }
+            u::VDUSE_SET_VQ_READY => {
+                let (index, ready) = req.vq_ready();
+                debug!("{}: SET_VQ_READY {index} {ready}", self.cfg.name);
+                if self.set_vq_ready(index, ready) {
+                    ok
+                } else {
+                    failed
+                }
+            }
+            u::VDUSE_SUSPEND => {
+                debug!("{}: SUSPEND", self.cfg.name);
+                if self.suspend() {
+                    ok
+                } else {
+                    failed
+                }
+            }
             u::VDUSE_SET_VQ_GROUP_ASID => {
                 let (group, asid) = req.group_asid();
                 // One group and one address space: the kernel already bounds-checked both.
@@ -487,20 +517,72 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
         }
     }
 
-    /// Every cached mapping may be stale: restart running workers with none.
+    /// Every cached mapping may be stale: restart the running workers (and only those) with
+    /// none.
     fn update_iotlb(&mut self) -> bool {
-        if self.workers.is_empty() {
+        let mut running: Vec<u16> = self.workers.iter().map(|w| w.handle.index()).collect();
+        if running.is_empty() {
             return true;
         }
+        running.sort_unstable();
         self.stop_workers(true);
-        if let Err(e) = self.start_workers() {
+        if self.broken {
+            return false;
+        }
+        let restarted = self.event_idx().and_then(|event_idx| {
+            running
+                .iter()
+                .try_for_each(|&q| self.start_queue(q, event_idx))
+        });
+        if let Err(e) = restarted {
             warn!(
                 "{}: cannot restart queues after IOTLB update: {e}",
                 self.cfg.name
             );
+            self.stop_workers(true);
             return false;
         }
         true
+    }
+
+    /// `SET_VQ_READY`: stop or start that one queue; the others run on untouched.
+    fn set_vq_ready(&mut self, index: u32, ready: bool) -> bool {
+        let Some(q) = u16::try_from(index)
+            .ok()
+            .filter(|q| *q < self.cfg.num_queues)
+        else {
+            return false;
+        };
+        let running = self.workers.iter().position(|w| w.handle.index() == q);
+        match (ready, running) {
+            (false, Some(pos)) => {
+                let w = self.workers.swap_remove(pos);
+                self.collect(w.handle, true);
+                !self.broken
+            }
+            (true, None)
+                if self.status & vf::STATUS_DRIVER_OK != 0 && !self.suspended && !self.broken =>
+            {
+                // The kernel still reports the queue not ready: it flips the flag only after
+                // this reply, so start it without looking at `VduseVqInfo::ready`.
+                match self.event_idx().and_then(|e| self.start_queue(q, e)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!("{}: cannot start queue {q}: {e}", self.cfg.name);
+                        false
+                    }
+                }
+            }
+            // Already in that state, or not running yet (DRIVER_OK will look).
+            _ => true,
+        }
+    }
+
+    /// `SUSPEND`: complete everything in flight, publish it, then stay parked until reset.
+    fn suspend(&mut self) -> bool {
+        self.stop_workers(true);
+        self.suspended = true;
+        !self.broken
     }
 
     /// Act on a status change; false refuses it.
@@ -510,6 +592,7 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
             // Reset: stop ring processing and drop every mapping before replying.
             self.stop_workers(false);
             self.saved.iter_mut().for_each(|s| *s = None);
+            self.suspended = false;
             return true;
         }
         if status & vf::STATUS_FAILED != 0 {
@@ -606,24 +689,41 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
         }
     }
 
-    fn start_workers(&mut self) -> io::Result<()> {
+    /// Whether the driver negotiated `VIRTIO_F_EVENT_IDX`.
+    fn event_idx(&self) -> io::Result<bool> {
         let features = self.dev.driver_features().map_err(io::Error::from)?;
-        let event_idx = features & vf::feature_mask(vf::VIRTIO_F_EVENT_IDX) != 0;
+        Ok(features & vf::feature_mask(vf::VIRTIO_F_EVENT_IDX) != 0)
+    }
+
+    /// DRIVER_OK: start every queue the kernel reports ready.
+    fn start_workers(&mut self) -> io::Result<()> {
+        let event_idx = self.event_idx()?;
         for q in 0..self.cfg.num_queues {
             let info = self.dev.vq_info(u32::from(q)).map_err(io::Error::from)?;
             if !info.is_ready() {
                 // virtio-blk may use fewer queues than offered.
                 continue;
             }
-            let setup = self.queue_setup(q, &info, event_idx)?;
-            self.start_worker(setup)?;
-            self.saved[usize::from(q)] = None;
+            self.start_queue_at(q, &info, event_idx)?;
         }
         info!(
             "{}: DRIVER_OK, {} queue(s) running (event_idx={event_idx})",
             self.cfg.name,
             self.workers.len()
         );
+        Ok(())
+    }
+
+    /// Start queue `q` from the driver's current info (and a position saved by a quiesce).
+    fn start_queue(&mut self, q: u16, event_idx: bool) -> io::Result<()> {
+        let info = self.dev.vq_info(u32::from(q)).map_err(io::Error::from)?;
+        self.start_queue_at(q, &info, event_idx)
+    }
+
+    fn start_queue_at(&mut self, q: u16, info: &u::VduseVqInfo, event_idx: bool) -> io::Result<()> {
+        let setup = self.queue_setup(q, info, event_idx)?;
+        self.start_worker(setup)?;
+        self.saved[usize::from(q)] = None;
         Ok(())
     }
 

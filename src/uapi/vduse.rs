@@ -420,8 +420,8 @@ pub struct VduseConfigData {
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VduseDevRequest {
-    /// `VDUSE_GET_VQ_STATE`, `VDUSE_SET_STATUS`, `VDUSE_UPDATE_IOTLB` or
-    /// `VDUSE_SET_VQ_GROUP_ASID`.
+    /// `VDUSE_GET_VQ_STATE`, `VDUSE_SET_STATUS`, `VDUSE_UPDATE_IOTLB`,
+    /// `VDUSE_SET_VQ_GROUP_ASID`, `VDUSE_SET_VQ_READY` or `VDUSE_SUSPEND`.
     pub req_type: u32,
     /// Identifier to echo in the response.
     pub request_id: u32,
@@ -492,6 +492,11 @@ impl VduseDevRequest {
     /// `vq_group_asid.{group, asid}` of a `VDUSE_SET_VQ_GROUP_ASID` request.
     pub fn group_asid(&self) -> (u32, u32) {
         (self.payload[0], self.payload[1])
+    }
+
+    /// `vq_ready.{num, ready}` of a `VDUSE_SET_VQ_READY` request (Linux 7.3).
+    pub fn vq_ready(&self) -> (u32, bool) {
+        (self.payload[0], self.payload[1] != 0)
     }
 }
 

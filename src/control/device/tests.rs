@@ -638,3 +638,135 @@ fn a_worker_error_is_reported_with_its_causes_once() {
     let errno = std::io::Error::from_raw_os_error(libc::EPERM).to_string();
     assert_eq!(msg.matches(&errno).count(), 1, "{msg}");
 }
+
+/// `SET_VQ_READY {num, ready}`.
+fn vq_ready(h: &mut Harness, q: u32, ready: bool) -> (u32, Vec<Ev>) {
+    let n = h.len();
+    let (r, log) = h.send(u::VDUSE_SET_VQ_READY, &[q, u32::from(ready)]);
+    (r.result, log[n..].to_vec())
+}
+
+#[test]
+fn set_vq_ready_stops_and_restarts_one_queue_and_leaves_the_other_running() {
+    let mut h = Harness::new(vec![vq(0, 256, 3), vq(1, 256, 11)], vec![]);
+    h.bring_up();
+    let (result, log) = vq_ready(&mut h, 1, false);
+    assert_eq!(result, u::VDUSE_REQ_RESULT_OK);
+    assert_eq!(
+        log,
+        [Ev::Stopped(1)],
+        "only queue 1 stops, before the reply"
+    );
+    // Disabled twice: nothing more to do.
+    assert_eq!(vq_ready(&mut h, 1, false), (u::VDUSE_REQ_RESULT_OK, vec![]));
+    // Its position is what a VMM reads while it is disabled.
+    let (r, _) = h.send(u::VDUSE_GET_VQ_STATE, &[1]);
+    assert_eq!(r.payload[1] & 0xffff, u32::from(11 + ADVANCE));
+    let (result, log) = vq_ready(&mut h, 1, true);
+    assert_eq!(result, u::VDUSE_REQ_RESULT_OK);
+    assert!(
+        matches!(
+            log[0],
+            Ev::KickFd {
+                q: 1,
+                eventfd: true,
+                ..
+            }
+        ),
+        "a fresh kick eventfd first: {log:#?}"
+    );
+    let s = starts(&log);
+    assert_eq!(s.len(), 1, "{log:#?}");
+    assert_eq!(
+        (s[0].index, s[0].next_avail, s[0].next_used),
+        (1, 11 + ADVANCE, 11 + ADVANCE),
+        "resumes where it stopped"
+    );
+    // Enabled while running: nothing happens.
+    assert_eq!(vq_ready(&mut h, 0, true), (u::VDUSE_REQ_RESULT_OK, vec![]));
+    assert!(
+        !h.shared.log().contains(&Ev::Stopped(0)),
+        "queue 0 never stopped"
+    );
+    h.stop();
+}
+
+#[test]
+fn set_vq_ready_before_driver_ok_starts_nothing_and_an_unknown_queue_is_refused() {
+    let mut h = Harness::new(vec![vq(0, 256, 0)], vec![]);
+    assert_eq!(vq_ready(&mut h, 0, true), (u::VDUSE_REQ_RESULT_OK, vec![]));
+    assert_eq!(vq_ready(&mut h, 0, false), (u::VDUSE_REQ_RESULT_OK, vec![]));
+    assert_eq!(vq_ready(&mut h, 1, true).0, u::VDUSE_REQ_RESULT_FAILED);
+    assert_eq!(
+        vq_ready(&mut h, u32::MAX, true).0,
+        u::VDUSE_REQ_RESULT_FAILED
+    );
+    h.bring_up();
+    assert_eq!(
+        starts(&h.shared.log()).len(),
+        1,
+        "DRIVER_OK looks at ready itself"
+    );
+    h.stop();
+}
+
+#[test]
+fn update_iotlb_restarts_only_the_queues_that_were_running() {
+    let mut h = Harness::new(vec![vq(0, 256, 0), vq(1, 256, 0)], vec![]);
+    h.bring_up();
+    vq_ready(&mut h, 1, false);
+    let n = h.len();
+    let (r, log) = h.send(u::VDUSE_UPDATE_IOTLB, &[0, 0, u32::MAX, u32::MAX]);
+    assert_eq!(r.result, u::VDUSE_REQ_RESULT_OK);
+    let s = starts(&log[n..]);
+    assert_eq!(
+        s.iter().map(|s| s.index).collect::<Vec<_>>(),
+        [0],
+        "{log:#?}"
+    );
+    h.stop();
+}
+
+#[test]
+fn suspend_completes_every_queue_before_the_reply_and_nothing_runs_until_reset() {
+    let mut h = Harness::new(vec![vq(0, 256, 3), vq(1, 256, 5)], vec![]);
+    h.bring_up();
+    let n = h.len();
+    let (r, log) = h.send(u::VDUSE_SUSPEND, &[]);
+    assert_eq!(r.result, u::VDUSE_REQ_RESULT_OK);
+    let log = &log[n..];
+    for q in [0, 1] {
+        assert!(
+            log.contains(&Ev::Stopped(q)),
+            "queue {q} stopped before the reply: {log:#?}"
+        );
+    }
+    // Suspended: neither an enable nor an IOTLB update starts a worker, and the positions
+    // the workers reached are what GET_VQ_STATE reports.
+    let n = h.len();
+    assert_eq!(vq_ready(&mut h, 0, true).0, u::VDUSE_REQ_RESULT_OK);
+    let (r, _) = h.send(u::VDUSE_UPDATE_IOTLB, &[0, 0, u32::MAX, u32::MAX]);
+    assert_eq!(r.result, u::VDUSE_REQ_RESULT_OK);
+    for (q, at) in [(0u32, 3u16), (1, 5)] {
+        let (r, _) = h.send(u::VDUSE_GET_VQ_STATE, &[q]);
+        assert_eq!(r.payload[1] & 0xffff, u32::from(at + ADVANCE), "queue {q}");
+    }
+    assert!(starts(&h.since(n)).is_empty(), "{:#?}", h.since(n));
+    // Only a reset resumes: the next DRIVER_OK starts both queues again.
+    assert_eq!(h.status(0).0, u::VDUSE_REQ_RESULT_OK);
+    let n = h.len();
+    h.bring_up();
+    assert_eq!(starts(&h.since(n)).len(), 2);
+    h.stop();
+}
+
+#[test]
+fn suspend_with_a_corrupt_ring_is_refused() {
+    let mut h = Harness::new(vec![vq(0, 256, 0)], vec![]);
+    h.bring_up();
+    h.shared.broken.lock().unwrap().insert(0);
+    let (r, _) = h.send(u::VDUSE_SUSPEND, &[]);
+    assert_eq!(r.result, u::VDUSE_REQ_RESULT_FAILED);
+    assert!(matches!(h.next_event(), LoopEvent::Broken(_)));
+    h.stop();
+}
