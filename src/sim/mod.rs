@@ -39,6 +39,7 @@ pub mod device;
 pub mod memory;
 pub mod queue;
 pub mod rng;
+pub mod vhost;
 
 use std::io;
 

@@ -397,6 +397,17 @@ impl SimQueue {
         ))
     }
 
+    /// Connect to a device in the kernel (vhost-vdpa) instead of an in-process worker:
+    /// returns the kick eventfd for the kernel to read and the call eventfd it signals. The
+    /// driver keeps its own duplicates, so [`SimQueue::kick`] and [`SimQueue::wait_used`] work
+    /// as with a worker (the interrupt count stays 0: the kernel signals the eventfd only).
+    pub fn connect_kernel(&mut self) -> Result<(OwnedFd, OwnedFd), SimError> {
+        let efd: OwnedFd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?.into();
+        self.kick = Some(File::from(efd.try_clone()?));
+        let call = self.irq.efd.as_fd().try_clone_to_owned()?;
+        Ok((efd, call))
+    }
+
     /// The [`QueueSetup`] for a worker resuming at the given indices.
     pub fn setup(&self, next_avail: u16, next_used: u16) -> QueueSetup {
         QueueSetup {

@@ -91,9 +91,9 @@ case_probe() {
         grep -q 'VDUSE features: *none' /tmp/p.out || fail "probe should print no VDUSE features on $(uname -r)"
         ;;
     *)
-        echo "$flat" | grep -q '"features":3,"features_enabled":0,"features_ioctl":true' ||
-            fail "want features 3 offered, 0 enabled, ioctl present on $(uname -r): $flat"
-        grep -q 'VDUSE features: *0x3 offered (QUEUE_READY SUSPEND), 0x0 enabled' /tmp/p.out ||
+        echo "$flat" | grep -q '"features":3,"features_enabled":3,"features_ioctl":true' ||
+            fail "want features 3 offered and enabled, ioctl present on $(uname -r): $flat"
+        grep -q 'VDUSE features: *0x3 offered (QUEUE_READY SUSPEND), 0x3 enabled' /tmp/p.out ||
             fail "probe's features line on $(uname -r): $(grep 'VDUSE features' /tmp/p.out)"
         ;;
     esac
@@ -382,6 +382,81 @@ case_attach_modes() {
     rm -f /tmp/am.img /tmp/am.pat
 }
 
+# Serve /tmp/NAME.img (64M, 2 queues) bound to vhost_vdpa; sets VH to /dev/vhost-vdpa-N and
+# VH_PID to the daemon's pid.
+serve_vhost() {
+    need_daemon
+    command -v vduse-blkd-vhost >/dev/null || fail "no vduse-blkd-vhost in the guest (cargo build --release --features test-utils --bin vduse-blkd-vhost)"
+    rm -f "/tmp/$1.img"
+    vduse-blkd serve "/tmp/$1.img" --name "$1" --size 64M --queues 2 --attach vhost \
+        >"/tmp/$1.out" 2>"/tmp/$1.err" &
+    VH_PID=$!
+    echo "$VH_PID" >>"$PIDS_FILE"
+    wait_for_line "/tmp/$1.out" "^ready name=$1 dev=-\$" 60 >/dev/null ||
+        { show_tail "/tmp/$1.err"; fail "no ready line for $1 with --attach vhost"; }
+    VH=
+    for f in /sys/bus/vdpa/devices/"$1"/vhost-vdpa-*; do [ -e "$f" ] && VH=/dev/${f##*/}; done
+    [ -c "$VH" ] || fail "no vhost-vdpa character device for $1"
+}
+
+# Stop the daemon of serve_vhost: it must exit 0 (no broken device on the way).
+stop_vhost() {
+    kill -TERM "$VH_PID"
+    wait_gone "$VH_PID" 30 || fail "$1: no exit within 30s of SIGTERM"
+    wait "$VH_PID" || { show_tail "/tmp/$1.err"; fail "$1: exit status $? after SIGTERM"; }
+    assert_no_leftovers "$1"
+}
+
+# vhost_vdpa with data: a userspace driver writes through both queues, reads back, flushes;
+# the backing file must then hold exactly what it wrote.
+case_vhost_io() {
+    serve_vhost vhio
+    bounded 240 /tmp/vhio.c.out /tmp/vhio.c.err vduse-blkd-vhost "$VH" io --requests 16 \
+        --expect-out /tmp/vhio.expect
+    [ "$RC" = 0 ] || { show_tail /tmp/vhio.err; fail "vhost io: $(head -c 400 /tmp/vhio.c.err)"; }
+    note "$(cat /tmp/vhio.c.out)"
+    stop_vhost vhio
+    n=$(stat -c %s /tmp/vhio.expect)
+    [ "$n" = $((2 * 16 * 65536)) ] || fail "vhost io: expected-data file has $n bytes"
+    cmp -n "$n" /tmp/vhio.expect /tmp/vhio.img || fail "the backing file differs from what the vhost driver wrote"
+    rm -f /tmp/vhio.img /tmp/vhio.expect
+}
+
+# VDUSE_F_QUEUE_READY (7.3): queue 1 disabled and re-enabled through vhost_vdpa while queue 0
+# carries verified I/O; a request posted while disabled waits for the re-enable.
+case_vhost_queue_ready() {
+    serve_vhost vhqr
+    bounded 300 /tmp/vhqr.c.out /tmp/vhqr.c.err vduse-blkd-vhost "$VH" toggle --cycles 3
+    [ "$RC" = 0 ] || { show_tail /tmp/vhqr.err; fail "vhost toggle: $(head -c 400 /tmp/vhqr.c.err)"; }
+    note "$(cat /tmp/vhqr.c.out)"
+    proc_gone "$VH_PID" && fail "the daemon exited during the toggles"
+    stop_vhost vhqr
+    rm -f /tmp/vhqr.img
+}
+
+# VDUSE_F_SUSPEND (7.3): suspend with writes in flight on both queues; every request must be
+# complete when the ioctl returns, and the data must verify after a reset.
+case_vhost_suspend() {
+    serve_vhost vhsu
+    bounded 300 /tmp/vhsu.c.out /tmp/vhsu.c.err vduse-blkd-vhost "$VH" suspend --requests 32
+    [ "$RC" = 0 ] || { show_tail /tmp/vhsu.err; fail "vhost suspend: $(head -c 400 /tmp/vhsu.c.err)"; }
+    note "$(cat /tmp/vhsu.c.out)"
+    stop_vhost vhsu
+    rm -f /tmp/vhsu.img
+}
+
+# Before 7.3 there is no VDUSE suspend: vhost_vdpa must not offer it, and the driver says so.
+case_vhost_no_suspend() {
+    serve_vhost vhns
+    bounded 120 /tmp/vhns.c.out /tmp/vhns.c.err vduse-blkd-vhost "$VH" suspend --requests 4
+    [ "$RC" = 1 ] || fail "vhost suspend on $(uname -r): exit $RC, want 1: $(head -c 300 /tmp/vhns.c.out)"
+    grep -q 'does not offer VHOST_BACKEND_F_SUSPEND' /tmp/vhns.c.err ||
+        fail "vhost suspend on $(uname -r): $(head -c 300 /tmp/vhns.c.err)"
+    proc_gone "$VH_PID" && fail "the daemon exited"
+    stop_vhost vhns
+    rm -f /tmp/vhns.img
+}
+
 if [ "${1:-}" = --case ]; then
     "$2"
     exit $?
@@ -402,4 +477,12 @@ want ext4 && run_case ext4 180 case_ext4
 want fio-verify && run_case fio-verify 300 case_fio_verify
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
 want attach-modes && run_case attach-modes 120 case_attach_modes
+want vhost-io && run_case vhost-io 300 case_vhost_io
+# The VDUSE feature requests exist only where the kernel offers them (7.3+).
+if [ "$(expected_features)" = 3 ]; then
+    want vhost-queue-ready && run_case vhost-queue-ready 360 case_vhost_queue_ready
+    want vhost-suspend && run_case vhost-suspend 360 case_vhost_suspend
+else
+    want vhost-no-suspend && run_case vhost-no-suspend 180 case_vhost_no_suspend
+fi
 exit 0
