@@ -284,7 +284,8 @@ pub fn parse_request(
         sector,
     };
     match req_type {
-        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => parse_rw(req_type, &l, limits, req),
+        VIRTIO_BLK_T_IN => parse_rw(RequestKind::Read, &l, limits, req),
+        VIRTIO_BLK_T_OUT => parse_rw(RequestKind::Write, &l, limits, req),
         VIRTIO_BLK_T_FLUSH => {
             req.kind = RequestKind::Flush;
             if data_out != 0 || data_in != 0 {
@@ -293,36 +294,24 @@ pub fn parse_request(
             Ok(())
         }
         VIRTIO_BLK_T_GET_ID => parse_get_id(&l, req),
-        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            parse_dwz(req_type, mem, &l, limits, req)
-        }
+        VIRTIO_BLK_T_DISCARD => parse_dwz(RequestKind::Discard, mem, &l, limits, req),
+        VIRTIO_BLK_T_WRITE_ZEROES => parse_dwz(RequestKind::WriteZeroes, mem, &l, limits, req),
         other => Err(RequestError::UnsupportedType(other)),
     }
 }
 
 fn parse_rw(
-    req_type: u32,
+    kind: RequestKind,
     l: &Layout<'_>,
     limits: &DeviceLimits,
     req: &mut Request,
 ) -> Result<(), RequestError> {
-    let Layout {
-        readable,
-        writable,
-        data_out,
-        data_in,
-        sector,
-    } = *l;
-    let write = req_type == VIRTIO_BLK_T_OUT;
-    req.kind = if write {
-        RequestKind::Write
-    } else {
-        RequestKind::Read
-    };
+    req.kind = kind;
+    let write = kind == RequestKind::Write;
     let (len, wrong) = if write {
-        (data_out, data_in)
+        (l.data_out, l.data_in)
     } else {
-        (data_in, data_out)
+        (l.data_in, l.data_out)
     };
     if wrong != 0 {
         return Err(RequestError::WrongDirection);
@@ -333,6 +322,22 @@ fn parse_rw(
     if len % SECTOR_SIZE != 0 {
         return Err(RequestError::Unaligned);
     }
+    req.offset = byte_offset(l.sector, len, limits)?;
+    req.data_len = len;
+    let (src, from) = if write {
+        (l.readable, HDR_LEN)
+    } else {
+        (l.writable, 0)
+    };
+    let data = &mut req.data;
+    slice_ranges(src, from, len, |addr, l| {
+        data.push(DataSeg { addr, len: l })
+    });
+    Ok(())
+}
+
+/// The byte offset of `len` bytes at `sector`, checked to lie inside the device.
+fn byte_offset(sector: u64, len: u64, limits: &DeviceLimits) -> Result<u64, RequestError> {
     let offset = sector
         .checked_mul(SECTOR_SIZE)
         .ok_or(RequestError::Overflow)?;
@@ -340,18 +345,7 @@ fn parse_rw(
     if end > limits.capacity {
         return Err(RequestError::BeyondCapacity);
     }
-    req.offset = offset;
-    req.data_len = len;
-    let (src, from) = if write {
-        (readable, HDR_LEN)
-    } else {
-        (writable, 0)
-    };
-    let data = &mut req.data;
-    slice_ranges(src, from, len, |addr, l| {
-        data.push(DataSeg { addr, len: l })
-    });
-    Ok(())
+    Ok(offset)
 }
 
 fn parse_get_id(l: &Layout<'_>, req: &mut Request) -> Result<(), RequestError> {
@@ -377,25 +371,16 @@ fn parse_get_id(l: &Layout<'_>, req: &mut Request) -> Result<(), RequestError> {
 }
 
 fn parse_dwz(
-    req_type: u32,
+    kind: RequestKind,
     mem: &mut impl GuestRead,
     l: &Layout<'_>,
     limits: &DeviceLimits,
     req: &mut Request,
 ) -> Result<(), RequestError> {
-    let Layout {
-        readable,
-        data_out,
-        data_in,
-        ..
-    } = *l;
-    let discard = req_type == VIRTIO_BLK_T_DISCARD;
-    req.kind = if discard {
-        RequestKind::Discard
-    } else {
-        RequestKind::WriteZeroes
-    };
-    if data_in != 0 {
+    req.kind = kind;
+    let discard = kind == RequestKind::Discard;
+    let data_out = l.data_out;
+    if l.data_in != 0 {
         return Err(RequestError::WrongDirection);
     }
     if limits.read_only {
@@ -414,7 +399,7 @@ fn parse_dwz(
     };
     for i in 0..data_out / DWZ_SEG_LEN {
         let mut raw = [0u8; DWZ_SEG_LEN as usize];
-        read_span(mem, readable, HDR_LEN + i * DWZ_SEG_LEN, &mut raw)?;
+        read_span(mem, l.readable, HDR_LEN + i * DWZ_SEG_LEN, &mut raw)?;
         let sector = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
         let num = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
         let flags = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
@@ -424,14 +409,8 @@ fn parse_dwz(
         if num == 0 || num > MAX_DWZ_SECTORS {
             return Err(RequestError::BadSegmentRange);
         }
-        let offset = sector
-            .checked_mul(SECTOR_SIZE)
-            .ok_or(RequestError::Overflow)?;
         let len = u64::from(num) << SECTOR_SHIFT;
-        let end = offset.checked_add(len).ok_or(RequestError::Overflow)?;
-        if end > limits.capacity {
-            return Err(RequestError::BeyondCapacity);
-        }
+        let offset = byte_offset(sector, len, limits)?;
         req.dwz.push(DwzSegment {
             offset,
             len,
@@ -693,25 +672,16 @@ mod tests {
     fn get_id_needs_twenty_bytes() {
         let mut m = Mem::default();
         m.put(0x1000, &hdr(VIRTIO_BLK_T_GET_ID, 0));
-        let (_, res) = parse(
-            &[
+        let mut get_id = |id_len| {
+            let segs = [
                 seg(0x1000, 16, false),
-                seg(0x2000, 10, true),
+                seg(0x2000, id_len, true),
                 seg(0x3000, 1, true),
-            ],
-            &mut m,
-            &LIM,
-        );
-        assert_eq!(res, Err(RequestError::ShortIdBuffer));
-        let (r, res) = parse(
-            &[
-                seg(0x1000, 16, false),
-                seg(0x2000, 20, true),
-                seg(0x3000, 1, true),
-            ],
-            &mut m,
-            &LIM,
-        );
+            ];
+            parse(&segs, &mut m, &LIM)
+        };
+        assert_eq!(get_id(10).1, Err(RequestError::ShortIdBuffer));
+        let (r, res) = get_id(20);
         res.unwrap();
         assert_eq!(
             r.data,

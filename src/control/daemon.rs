@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{info, warn};
 use nix::errno::Errno;
@@ -22,8 +22,7 @@ use thiserror::Error;
 
 use super::api::{self, negotiate, ApiVersion, NegotiateError};
 use super::device::{
-    event_channel, spawn_loop, EventReceiver, LoopConfig, LoopEvent, LoopHandle, VduseWorkers,
-    DESTROY_DEADLINE,
+    self, event_channel, spawn_loop, EventReceiver, LoopConfig, LoopEvent, LoopHandle, VduseWorkers,
 };
 use super::fd::{ControlFd, DeviceFd, CONTROL_PATH};
 use super::netlink::{NetlinkError, VdpaNetlink};
@@ -280,24 +279,12 @@ impl Created<'_> {
         if !self.device {
             return Ok(());
         }
-        let end = Instant::now() + DESTROY_DEADLINE;
-        loop {
-            match self.control.destroy_dev(&self.name) {
-                Ok(()) => {
-                    self.device = false;
-                    return Ok(());
-                }
-                Err(Errno::EBUSY) if Instant::now() < end => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(errno) => {
-                    return Err(DaemonError::Ioctl {
-                        op: "VDUSE_DESTROY_DEV",
-                        errno,
-                    })
-                }
-            }
-        }
+        device::destroy_dev(self.control, &self.name).map_err(|errno| DaemonError::Ioctl {
+            op: "VDUSE_DESTROY_DEV",
+            errno,
+        })?;
+        self.device = false;
+        Ok(())
     }
 }
 
@@ -805,32 +792,24 @@ mod tests {
 
     #[test]
     fn params() {
-        let mut o = opts();
-        validate_params(&o).unwrap();
-        o.queue_size = 100;
-        assert!(validate_params(&o)
-            .unwrap_err()
-            .to_string()
-            .contains("power of two"));
-        o.queue_size = 65536;
-        assert!(validate_params(&o)
-            .unwrap_err()
-            .to_string()
-            .contains("too large"));
-        o = opts();
-        o.queues = 1000;
-        assert!(validate_params(&o)
-            .unwrap_err()
-            .to_string()
-            .contains("too many queues"));
-        o = opts();
-        o.backing.block_size = 1024;
-        assert!(validate_params(&o)
-            .unwrap_err()
-            .to_string()
-            .contains("512 or 4096"));
-        o = opts();
-        o.serial = Some("x".repeat(21));
-        assert!(validate_params(&o).is_err());
+        validate_params(&opts()).unwrap();
+        /// Changes one option of a valid set.
+        type Change = fn(&mut ServeOptions);
+        let refusal = |change: Change| {
+            let mut o = opts();
+            change(&mut o);
+            validate_params(&o).unwrap_err().to_string()
+        };
+        let cases: [(Change, &str); 5] = [
+            (|o| o.queue_size = 100, "power of two"),
+            (|o| o.queue_size = 65536, "too large"),
+            (|o| o.queues = 1000, "too many queues"),
+            (|o| o.backing.block_size = 1024, "512 or 4096"),
+            (|o| o.serial = Some("x".repeat(21)), "serial is 21 bytes"),
+        ];
+        for (change, want) in cases {
+            let got = refusal(change);
+            assert!(got.contains(want), "{got}");
+        }
     }
 }

@@ -34,7 +34,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
@@ -42,7 +42,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::fd::{map_region, new_eventfd, DeviceFd};
+use super::fd::{map_region, new_eventfd, ControlFd, DeviceFd};
 use crate::memory::{IovaRegion, RegionSource};
 use crate::metrics::QueueStats;
 use crate::uapi::vduse as u;
@@ -97,16 +97,21 @@ impl QueueWorker for WorkerHandle {
 pub trait QueueWorkers: Send + 'static {
     /// What a started worker is.
     type Worker: QueueWorker;
-    /// Start a worker for `setup` that reads kicks from `kick`. `exit` must be moved into
-    /// the worker and dropped only when it ends: that is how the loop learns that a worker
-    /// stopped without being asked (a corrupt ring).
-    fn start(
-        &mut self,
-        setup: QueueSetup,
-        kick: OwnedFd,
-        opts: WorkerOptions,
-        exit: ExitToken,
-    ) -> io::Result<Self::Worker>;
+    /// Start a worker as `start` describes.
+    fn start(&mut self, start: WorkerStart) -> io::Result<Self::Worker>;
+}
+
+/// Everything a queue worker is started with.
+pub struct WorkerStart {
+    /// The queue: index, size, ring addresses, position.
+    pub setup: QueueSetup,
+    /// The queue's kick eventfd, already given to the kernel.
+    pub kick: OwnedFd,
+    /// CPU and thread name.
+    pub opts: WorkerOptions,
+    /// Must be moved into the worker and dropped only when it ends: that is how the loop
+    /// learns that a worker stopped without being asked (a corrupt ring).
+    pub exit: ExitToken,
 }
 
 /// Dropped by a worker as it ends: marks it ended and wakes the message loop.
@@ -140,13 +145,13 @@ impl VduseWorkers {
 impl QueueWorkers for VduseWorkers {
     type Worker = WorkerHandle;
 
-    fn start(
-        &mut self,
-        setup: QueueSetup,
-        kick: OwnedFd,
-        opts: WorkerOptions,
-        exit: ExitToken,
-    ) -> io::Result<WorkerHandle> {
+    fn start(&mut self, start: WorkerStart) -> io::Result<WorkerHandle> {
+        let WorkerStart {
+            setup,
+            kick,
+            opts,
+            exit,
+        } = start;
         let edge = VduseEdge {
             dev: Arc::clone(&self.dev),
             index: u32::from(setup.index),
@@ -455,16 +460,16 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
     fn handle(&mut self, req: &u::VduseDevRequest) -> u::VduseDevResponse {
         let ok = u::VduseDevResponse::new(req.request_id, u::VDUSE_REQ_RESULT_OK);
         let failed = u::VduseDevResponse::new(req.request_id, u::VDUSE_REQ_RESULT_FAILED);
+        let reply = |done: bool| if done { ok } else { failed };
         match req.req_type {
             u::VDUSE_SET_STATUS => {
                 let status = req.status();
                 debug!("{}: SET_STATUS {status:#x}", self.cfg.name);
-                if self.set_status(status) {
+                let done = self.set_status(status);
+                if done {
                     self.status = status;
-                    ok
-                } else {
-                    failed
                 }
+                reply(done)
             }
             u::VDUSE_GET_VQ_STATE => {
                 let index = req.vq_index();
@@ -478,37 +483,21 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
             u::VDUSE_UPDATE_IOTLB => {
                 let (start, last) = req.iova_range();
                 debug!("{}: UPDATE_IOTLB [{start:#x}, {last:#x}]", self.cfg.name);
-                if self.update_iotlb() {
-                    ok
-                } else {
-                    failed
-                }
+                reply(self.update_iotlb())
             }
             u::VDUSE_SET_VQ_READY => {
                 let (index, ready) = req.vq_ready();
                 debug!("{}: SET_VQ_READY {index} {ready}", self.cfg.name);
-                if self.set_vq_ready(index, ready) {
-                    ok
-                } else {
-                    failed
-                }
+                reply(self.set_vq_ready(index, ready))
             }
             u::VDUSE_SUSPEND => {
                 debug!("{}: SUSPEND", self.cfg.name);
-                if self.suspend() {
-                    ok
-                } else {
-                    failed
-                }
+                reply(self.suspend())
             }
             u::VDUSE_SET_VQ_GROUP_ASID => {
                 let (group, asid) = req.group_asid();
                 // One group and one address space: the kernel already bounds-checked both.
-                if group == 0 && asid == 0 {
-                    ok
-                } else {
-                    failed
-                }
+                reply(group == 0 && asid == 0)
             }
             other => {
                 warn!("{}: unknown VDUSE request type {other}", self.cfg.name);
@@ -780,7 +769,12 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
             ended: Arc::clone(&ended),
             wake: Arc::clone(&self.worker_exit),
         };
-        let handle = self.spawner.start(setup, kick, opts, exit)?;
+        let handle = self.spawner.start(WorkerStart {
+            setup,
+            kick,
+            opts,
+            exit,
+        })?;
         self.workers.push(Running { handle, ended });
         Ok(())
     }
@@ -788,6 +782,20 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
 
 /// How long teardown waits for the kernel to release a device (EBUSY on destroy).
 pub const DESTROY_DEADLINE: Duration = Duration::from_secs(5);
+
+/// `VDUSE_DESTROY_DEV` of `name`, retried while the kernel answers EBUSY, for at most
+/// [`DESTROY_DEADLINE`]: the kernel drops its reference to a closed device fd asynchronously.
+pub fn destroy_dev(control: &ControlFd, name: &[u8; u::VDUSE_NAME_MAX]) -> Result<(), Errno> {
+    let end = Instant::now() + DESTROY_DEADLINE;
+    loop {
+        match control.destroy_dev(name) {
+            Err(Errno::EBUSY) if Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            done => return done,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests;

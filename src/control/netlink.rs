@@ -503,30 +503,43 @@ mod tests {
             }
             .to_string()
         };
-        assert_eq!(
-            msg(OP_DEV_ADD, "blk0", Errno::EEXIST),
-            "vdpa device blk0 already exists"
-        );
-        assert_eq!(
-            msg(OP_DEV_ADD, "blk0", Errno::ENODEV),
-            "no vduse management device: load the vduse module"
-        );
-        assert_eq!(
-            msg(OP_DEV_DEL, "blk0", Errno::ENOENT),
-            "no vdpa device named blk0"
-        );
-        assert_eq!(
-            msg(OP_DEV_DEL, "blk0", Errno::ENODEV),
-            "no vdpa device named blk0"
-        );
-        assert_eq!(
-            msg(OP_DEV_ADD, "blk0", Errno::EPERM),
-            "vdpa dev add blk0: permission denied (needs CAP_NET_ADMIN)"
-        );
-        assert_eq!(
-            msg(OP_DEV_LIST, "", Errno::EIO),
-            format!("vdpa dev list: {}", Errno::EIO.desc())
-        );
+        let eio = format!("vdpa dev list: {}", Errno::EIO.desc());
+        let cases = [
+            (
+                OP_DEV_ADD,
+                "blk0",
+                Errno::EEXIST,
+                "vdpa device blk0 already exists",
+            ),
+            (
+                OP_DEV_ADD,
+                "blk0",
+                Errno::ENODEV,
+                "no vduse management device: load the vduse module",
+            ),
+            (
+                OP_DEV_DEL,
+                "blk0",
+                Errno::ENOENT,
+                "no vdpa device named blk0",
+            ),
+            (
+                OP_DEV_DEL,
+                "blk0",
+                Errno::ENODEV,
+                "no vdpa device named blk0",
+            ),
+            (
+                OP_DEV_ADD,
+                "blk0",
+                Errno::EPERM,
+                "vdpa dev add blk0: permission denied (needs CAP_NET_ADMIN)",
+            ),
+            (OP_DEV_LIST, "", Errno::EIO, eio.as_str()),
+        ];
+        for (op, name, errno, want) in cases {
+            assert_eq!(msg(op, name, errno), want, "{op} {name} {errno}");
+        }
         for text in [
             msg(OP_DEV_ADD, "x", Errno::EINVAL),
             msg(OP_DEV_DEL, "x", Errno::EINVAL),

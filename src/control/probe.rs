@@ -8,7 +8,6 @@
 
 use std::io::{self, Write};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use log::warn;
 use nix::errno::Errno;
@@ -16,6 +15,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::api::{self, kernel_versions, negotiate, ApiVersion, NegotiateError};
+use super::device;
 use super::fd::{ControlFd, DeviceFd, CONTROL_PATH};
 use super::host::{self, HostFacts, Tristate, MODULES};
 use super::netlink::VdpaNetlink;
@@ -23,9 +23,6 @@ use super::sysfs;
 use crate::blk::{BlkConfig, BlkGeometry};
 use crate::uapi::vduse as u;
 use crate::uapi::virtio as vf;
-
-/// How long the throwaway device may stay busy before the probe gives up destroying it.
-const PROBE_DESTROY_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why asking the control device failed (reported in `missing`, not as the exit code).
 #[derive(Debug, Error)]
@@ -278,21 +275,12 @@ struct Throwaway<'a> {
 
 impl Throwaway<'_> {
     fn destroy(&self) -> Result<(), ProbeError> {
-        let end = Instant::now() + PROBE_DESTROY_DEADLINE;
-        loop {
-            match self.control.destroy_dev(&self.name) {
-                Ok(()) | Err(Errno::EINVAL) => return Ok(()), // EINVAL: already gone
-                // The kernel drops its reference to a closed device fd asynchronously.
-                Err(Errno::EBUSY) if Instant::now() < end => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(errno) => {
-                    return Err(ProbeError::Ioctl {
-                        op: "VDUSE_DESTROY_DEV",
-                        errno,
-                    })
-                }
-            }
+        match device::destroy_dev(self.control, &self.name) {
+            Ok(()) | Err(Errno::EINVAL) => Ok(()), // EINVAL: already gone
+            Err(errno) => Err(ProbeError::Ioctl {
+                op: "VDUSE_DESTROY_DEV",
+                errno,
+            }),
         }
     }
 }

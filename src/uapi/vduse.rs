@@ -24,6 +24,7 @@
 //!   modelled as plain word arrays with safe accessors, so no `unsafe` union reads are needed.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use nix::{
     ioctl_none, ioctl_read, ioctl_readwrite, ioctl_write_ptr, request_code_none, request_code_read,
@@ -639,15 +640,58 @@ impl AlignedBytes {
 #[error("config blob of {0} bytes does not fit in a u32 length")]
 pub struct ConfigTooLarge(pub usize);
 
+/// A `#[repr(C)]` ioctl header `H` immediately followed by variable-length bytes (a flexible
+/// array member), in one 8-byte aligned heap buffer that the kernel reads through one pointer.
+pub struct HeaderBuf<H> {
+    buf: AlignedBytes,
+    header: PhantomData<H>,
+}
+
+impl<H> Clone for HeaderBuf<H> {
+    fn clone(&self) -> Self {
+        Self {
+            buf: self.buf.clone(),
+            header: PhantomData,
+        }
+    }
+}
+
+impl<H> HeaderBuf<H> {
+    fn from_bytes(bytes: &[u8]) -> Self {
+        Self {
+            buf: AlignedBytes::new(bytes),
+            header: PhantomData,
+        }
+    }
+
+    /// Pointer for the ioctl. Valid (and 8-byte aligned) for [`Self::len`] bytes while `self`
+    /// is alive and not mutated.
+    pub fn as_ptr(&self) -> *const H {
+        self.buf.as_ptr().cast()
+    }
+
+    /// Total length in bytes: header plus trailing bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len
+    }
+
+    /// Always false: every header is at least 8 bytes.
+    pub fn is_empty(&self) -> bool {
+        self.buf.len == 0
+    }
+
+    /// A copy of the bytes the kernel will read.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.buf.to_vec()
+    }
+}
+
 /// The argument of `VDUSE_CREATE_DEV`: a [`VduseDevConfig`] header immediately followed by the
-/// device config space, in one 8-byte aligned heap buffer.
+/// device config space.
 ///
 /// The kernel copies the 336-byte header, then `config_size` more bytes from the same pointer
 /// (it rejects `config_size > PAGE_SIZE` with EINVAL).
-#[derive(Clone)]
-pub struct DevConfigBuf {
-    buf: AlignedBytes,
-}
+pub type DevConfigBuf = HeaderBuf<VduseDevConfig>;
 
 impl DevConfigBuf {
     /// Build the buffer. `header.config_size` is replaced by `config.len()`.
@@ -658,61 +702,13 @@ impl DevConfigBuf {
         let mut bytes = Vec::with_capacity(VduseDevConfig::SIZE + config.len());
         bytes.extend_from_slice(&header.to_bytes());
         bytes.extend_from_slice(config);
-        Ok(Self {
-            buf: AlignedBytes::new(&bytes),
-        })
-    }
-
-    /// Pointer for `vduse_create_dev`. Valid (and 8-byte aligned) for [`Self::len`] bytes while
-    /// `self` is alive and not mutated.
-    pub fn as_ptr(&self) -> *const VduseDevConfig {
-        self.buf.as_ptr().cast()
-    }
-
-    /// Total length in bytes: header plus config space.
-    pub fn len(&self) -> usize {
-        self.buf.len
-    }
-
-    /// Always false: the header alone is 336 bytes.
-    pub fn is_empty(&self) -> bool {
-        self.buf.len == 0
-    }
-
-    /// A copy of the bytes the kernel will read.
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.buf.to_vec()
+        Ok(Self::from_bytes(&bytes))
     }
 }
 
 /// The argument of `VDUSE_DEV_SET_CONFIG`: a [`VduseConfigData`] header followed by the bytes to
-/// write into the config space, in one aligned heap buffer.
-#[derive(Clone)]
-pub struct ConfigDataBuf {
-    buf: AlignedBytes,
-}
-
-impl ConfigDataBuf {
-    /// Pointer for `vduse_dev_set_config`. Valid for [`Self::len`] bytes while `self` is alive.
-    pub fn as_ptr(&self) -> *const VduseConfigData {
-        self.buf.as_ptr().cast()
-    }
-
-    /// Total length in bytes: 8-byte header plus data.
-    pub fn len(&self) -> usize {
-        self.buf.len
-    }
-
-    /// Always false: the header alone is 8 bytes.
-    pub fn is_empty(&self) -> bool {
-        self.buf.len == 0
-    }
-
-    /// A copy of the bytes the kernel will read.
-    pub fn to_vec(&self) -> Vec<u8> {
-        self.buf.to_vec()
-    }
-}
+/// write into the config space.
+pub type ConfigDataBuf = HeaderBuf<VduseConfigData>;
 
 /// Build the `VDUSE_DEV_SET_CONFIG` argument that writes `bytes` at `offset` of the config
 /// space. The kernel requires `bytes` to be non-empty and `offset + len <= config_size`.
@@ -722,9 +718,7 @@ pub fn config_data_buf(offset: u32, bytes: &[u8]) -> Result<ConfigDataBuf, Confi
     v.extend_from_slice(&offset.to_ne_bytes());
     v.extend_from_slice(&length.to_ne_bytes());
     v.extend_from_slice(bytes);
-    Ok(ConfigDataBuf {
-        buf: AlignedBytes::new(&v),
-    })
+    Ok(ConfigDataBuf::from_bytes(&v))
 }
 
 // ---------------------------------------------------------------------------------------------

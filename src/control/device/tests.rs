@@ -156,17 +156,14 @@ struct FakeWorker {
 impl QueueWorkers for FakeWorkers {
     type Worker = FakeWorker;
 
-    fn start(
-        &mut self,
-        setup: QueueSetup,
-        kick: OwnedFd,
-        opts: WorkerOptions,
-        exit: ExitToken,
-    ) -> io::Result<FakeWorker> {
+    fn start(&mut self, start: WorkerStart) -> io::Result<FakeWorker> {
+        let WorkerStart {
+            setup, kick, exit, ..
+        } = start;
         self.shared.record(Ev::Start {
             setup,
             kick: kick.as_raw_fd(),
-            cpu: opts.cpu,
+            cpu: start.opts.cpu,
         });
         self.shared.tokens.lock().unwrap().insert(setup.index, exit);
         Ok(FakeWorker {
@@ -287,6 +284,13 @@ impl Harness {
     fn status(&mut self, status: u8) -> (u32, Vec<Ev>) {
         let (r, log) = self.send(u::VDUSE_SET_STATUS, &[u32::from(status)]);
         (r.result, log)
+    }
+
+    /// A harness over `vqs` (no CPUs given), brought up to DRIVER_OK.
+    fn running(vqs: Vec<u::VduseVqInfo>) -> Self {
+        let mut h = Self::new(vqs, vec![]);
+        h.bring_up();
+        h
     }
 
     /// ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK, each answered OK.
@@ -434,8 +438,7 @@ fn driver_ok_with_a_bad_queue_size_is_refused_and_nothing_keeps_running() {
 
 #[test]
 fn reset_stops_every_worker_before_the_reply_and_forgets_positions() {
-    let mut h = Harness::new(vec![vq(0, 256, 3), vq(1, 256, 3)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 3), vq(1, 256, 3)]);
     // Quiesce queue 0 so that a position is saved, then reset.
     h.send(u::VDUSE_GET_VQ_STATE, &[0]);
     let n = h.len();
@@ -468,8 +471,7 @@ fn reset_stops_every_worker_before_the_reply_and_forgets_positions() {
 
 #[test]
 fn failed_status_stops_workers() {
-    let mut h = Harness::new(vec![vq(0, 256, 0)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 0)]);
     let (result, log) = h.status(DRIVER_OK_STATUS | vf::STATUS_FAILED);
     assert_eq!(result, u::VDUSE_REQ_RESULT_OK);
     assert!(log.contains(&Ev::Stopped(0)));
@@ -509,8 +511,7 @@ fn update_iotlb_restarts_workers_where_they_stopped() {
 
 #[test]
 fn get_vq_state_quiesces_the_queue_and_reports_its_position() {
-    let mut h = Harness::new(vec![vq(0, 256, 3), vq(1, 256, 11)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 3), vq(1, 256, 11)]);
     let n = h.len();
     let (r, log) = h.send(u::VDUSE_GET_VQ_STATE, &[0]);
     let want = u::VduseDevResponse::new(r.request_id, u::VDUSE_REQ_RESULT_OK)
@@ -564,8 +565,7 @@ fn unknown_request_is_refused_and_the_loop_goes_on() {
 
 #[test]
 fn a_read_error_ends_the_loop_and_stops_the_workers() {
-    let mut h = Harness::new(vec![vq(0, 256, 0)], vec![]);
-    h.bring_up();
+    let h = Harness::running(vec![vq(0, 256, 0)]);
     h.dev.push(Scripted::ReadError);
     match h.next_event() {
         LoopEvent::Failed(s) => assert!(s.contains("Input/output error"), "{s}"),
@@ -578,8 +578,7 @@ fn a_read_error_ends_the_loop_and_stops_the_workers() {
 
 #[test]
 fn a_hung_up_device_ends_the_loop_as_broken() {
-    let mut h = Harness::new(vec![vq(0, 256, 0)], vec![]);
-    h.bring_up();
+    let h = Harness::running(vec![vq(0, 256, 0)]);
     h.dev.hang_up();
     match h.next_event() {
         LoopEvent::Failed(s) => assert!(s.contains("broken"), "{s}"),
@@ -592,8 +591,7 @@ fn a_hung_up_device_ends_the_loop_as_broken() {
 
 #[test]
 fn a_worker_that_dies_is_reaped_at_once_and_the_device_refuses_driver_ok() {
-    let mut h = Harness::new(vec![vq(0, 256, 0), vq(1, 256, 0)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 0), vq(1, 256, 0)]);
     // Queue 1's worker finds its ring corrupt and ends: its exit token goes away.
     h.shared.broken.lock().unwrap().insert(1);
     let token = h.shared.tokens.lock().unwrap().remove(&1).unwrap();
@@ -617,8 +615,7 @@ fn a_worker_that_dies_is_reaped_at_once_and_the_device_refuses_driver_ok() {
 
 #[test]
 fn stop_wakes_an_idle_loop_at_once() {
-    let mut h = Harness::new(vec![vq(0, 256, 0)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 0)]);
     let handle = h.handle.take().unwrap();
     let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || tx.send(handle.stop()).unwrap());
@@ -648,8 +645,7 @@ fn vq_ready(h: &mut Harness, q: u32, ready: bool) -> (u32, Vec<Ev>) {
 
 #[test]
 fn set_vq_ready_stops_and_restarts_one_queue_and_leaves_the_other_running() {
-    let mut h = Harness::new(vec![vq(0, 256, 3), vq(1, 256, 11)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 3), vq(1, 256, 11)]);
     let (result, log) = vq_ready(&mut h, 1, false);
     assert_eq!(result, u::VDUSE_REQ_RESULT_OK);
     assert_eq!(
@@ -712,8 +708,7 @@ fn set_vq_ready_before_driver_ok_starts_nothing_and_an_unknown_queue_is_refused(
 
 #[test]
 fn update_iotlb_restarts_only_the_queues_that_were_running() {
-    let mut h = Harness::new(vec![vq(0, 256, 0), vq(1, 256, 0)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 0), vq(1, 256, 0)]);
     vq_ready(&mut h, 1, false);
     let n = h.len();
     let (r, log) = h.send(u::VDUSE_UPDATE_IOTLB, &[0, 0, u32::MAX, u32::MAX]);
@@ -729,8 +724,7 @@ fn update_iotlb_restarts_only_the_queues_that_were_running() {
 
 #[test]
 fn suspend_completes_every_queue_before_the_reply_and_nothing_runs_until_reset() {
-    let mut h = Harness::new(vec![vq(0, 256, 3), vq(1, 256, 5)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 3), vq(1, 256, 5)]);
     let n = h.len();
     let (r, log) = h.send(u::VDUSE_SUSPEND, &[]);
     assert_eq!(r.result, u::VDUSE_REQ_RESULT_OK);
@@ -762,8 +756,7 @@ fn suspend_completes_every_queue_before_the_reply_and_nothing_runs_until_reset()
 
 #[test]
 fn suspend_with_a_corrupt_ring_is_refused() {
-    let mut h = Harness::new(vec![vq(0, 256, 0)], vec![]);
-    h.bring_up();
+    let mut h = Harness::running(vec![vq(0, 256, 0)]);
     h.shared.broken.lock().unwrap().insert(0);
     let (r, _) = h.send(u::VDUSE_SUSPEND, &[]);
     assert_eq!(r.result, u::VDUSE_REQ_RESULT_FAILED);
