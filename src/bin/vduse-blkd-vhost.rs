@@ -12,6 +12,13 @@
 //!   `VHOST_VDPA_SUSPEND`; when it returns every request must already be in the used ring with
 //!   status OK and `GET_VRING_BASE` must match; then reset, set up again, and read it all back.
 //!
+//! - `iotlb`: the `UPDATE_IOTLB` path with real bytes. A second region is mapped and carries
+//!   verified I/O; writes are put in flight on every queue (data in the first region) and the
+//!   second region is invalidated (`VHOST_IOTLB_INVALIDATE`) while they run; they must all
+//!   complete and verify; a request naming the invalidated range must now fail with IOERR
+//!   (the daemon dropped its stale mapping), and a region mapped at a new IOVA must carry
+//!   verified reads of what was written.
+//!
 //! Owns: these scenarios and their data pattern (a function of seed and disk offset, so any
 //! range can be checked without keeping what was written). Must not touch: the daemon; it
 //! goes through the kernel only ([`vduse_blkd::sim::vhost`]).
@@ -26,9 +33,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use crossbeam_channel::RecvTimeoutError;
-use vduse_blkd::sim::blk::{BlkRequest, S_OK};
+use vduse_blkd::sim::blk::{BlkRequest, S_IOERR, S_OK};
 use vduse_blkd::sim::vhost::{VhostConfig, VhostDriver};
-use vduse_blkd::sim::SimQueue;
+use vduse_blkd::sim::{Chain, SimQueue};
 use vduse_blkd::uapi::virtio as vf;
 
 /// Bytes of one request's slot on the disk (and of each request).
@@ -84,7 +91,20 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         requests: u16,
     },
+    /// Invalidate an IOTLB mapping while writes are in flight, then check old and new mappings.
+    Iotlb {
+        /// Writes per queue in flight at the invalidation.
+        #[arg(long, default_value_t = 32)]
+        requests: u16,
+    },
 }
+
+/// The second region's IOVA before the invalidation, and the IOVA it is mapped at afterwards
+/// (both far from the heap at [`vduse_blkd::sim::vhost::MEM_IOVA`]).
+const SPARE_IOVA: u64 = 0x4000_0000;
+const REMAP_IOVA: u64 = 0x8000_0000;
+/// The second region's size: one slot per queue request at most.
+const SPARE_LEN: u64 = 1 << 20;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -114,6 +134,7 @@ fn run(cli: &Cli) -> Result<String> {
         }
         Cmd::Toggle { cycles, during } => toggle(&cfg, cli.seed, *cycles, *during),
         Cmd::Suspend { requests } => suspend(&cfg, cli.seed, *requests),
+        Cmd::Iotlb { requests } => iotlb(&cfg, cli.seed, *requests),
     }
 }
 
@@ -386,6 +407,142 @@ fn suspend(cfg: &VhostConfig, seed: u64, requests: u16) -> Result<String> {
         "suspend: {outstanding} of {} writes outstanding just before VHOST_VDPA_SUSPEND; all \
          completed with status OK when it returned, vring bases matched, data verified after \
          reset",
+        nq * per
+    ))
+}
+
+/// `chain` with its data descriptors (all but the header and the status byte) moved, in order
+/// and with their bytes, to consecutive addresses from `iova` (driver memory outside the heap).
+fn data_at(q: &SimQueue, mut chain: Chain, iova: u64) -> Result<Chain> {
+    let n = chain.descs.len();
+    ensure!(n >= 3, "a chain of {n} descriptors has no separate data");
+    let mut at = iova;
+    for d in &mut chain.descs[1..n - 1] {
+        let bytes = q.mem().read_vec(d.addr, d.len as usize)?;
+        q.mem().write(at, &bytes)?;
+        d.addr = at;
+        at += u64::from(d.len);
+    }
+    Ok(chain)
+}
+
+/// Post `chain` on `q`, wait for it, and return its status and the data it read.
+fn run_one(q: &mut SimQueue, chain: Chain) -> Result<(Option<u8>, Vec<u8>)> {
+    let c = q.run(chain, DEADLINE)?;
+    Ok((c.status, c.data))
+}
+
+fn iotlb(cfg: &VhostConfig, seed: u64, requests: u16) -> Result<String> {
+    let mut d = open(cfg)?;
+    ensure!(
+        requests <= cfg.queue_size / 2,
+        "at most {} requests per queue",
+        cfg.queue_size / 2
+    );
+    let nq = d.queues.len() as u64;
+    let per = u64::from(requests);
+    check_capacity(&d, nq * per)?;
+    ensure!(
+        per * u64::from(SLOT) <= SPARE_LEN,
+        "at most {} requests per queue",
+        SPARE_LEN / u64::from(SLOT)
+    );
+    // 1. The second region carries a verified write and read on every queue, so that each
+    //    worker has it mapped (and cached) before it is invalidated.
+    d.map_region(SPARE_IOVA, SPARE_LEN)?;
+    for (qi, q) in d.queues.iter_mut().enumerate() {
+        let slot = qi as u64 * per;
+        let w =
+            BlkRequest::write(slot * SLOT_SECTORS, &slot_data(seed ^ 1, slot)).chain(q.mem())?;
+        let w = data_at(q, w, SPARE_IOVA)?;
+        let (status, _) = run_one(q, w)?;
+        ensure!(
+            status == Some(S_OK),
+            "queue {qi}: write through the second region: {status:?}"
+        );
+        let r = BlkRequest::read(slot * SLOT_SECTORS, SLOT).chain(q.mem())?;
+        let r = data_at(q, r, SPARE_IOVA + u64::from(SLOT))?;
+        let (status, data) = run_one(q, r)?;
+        ensure!(
+            status == Some(S_OK) && data == slot_data(seed ^ 1, slot),
+            "queue {qi}: read through the second region: status {status:?}, data {}",
+            if data == slot_data(seed ^ 1, slot) {
+                "verified"
+            } else {
+                "differs"
+            }
+        );
+    }
+    // 2. Writes in flight on every queue (data in the heap), and the invalidation meanwhile.
+    for (qi, q) in d.queues.iter_mut().enumerate() {
+        for i in 0..per {
+            let slot = qi as u64 * per + i;
+            let chain = BlkRequest::write(slot * SLOT_SECTORS, &slot_data(seed, slot))
+                .out_chunk(4096)
+                .indirect(i % 8 != 0)
+                .tag(slot)
+                .chain(q.mem())?;
+            q.add(chain)?;
+        }
+        q.publish()?;
+        q.kick()?;
+    }
+    let mut outstanding = 0u64;
+    for q in &d.queues {
+        outstanding += u64::from(q.avail_idx().wrapping_sub(q.used_idx()?));
+    }
+    d.unmap_region(SPARE_IOVA, SPARE_LEN)?;
+    for (qi, q) in d.queues.iter_mut().enumerate() {
+        let done = q.wait_used(per as usize, DEADLINE)?;
+        ensure!(
+            done.len() as u64 == per,
+            "queue {qi}: {} of {per} writes completed across the invalidation",
+            done.len()
+        );
+        for c in done {
+            ensure!(
+                c.status == Some(S_OK),
+                "queue {qi} slot {}: status {:?} after the invalidation",
+                c.tag,
+                c.status
+            );
+        }
+    }
+    // 3. The invalidated range is gone for the device: a read into it must fail, not land in
+    //    a stale mapping.
+    for (qi, q) in d.queues.iter_mut().enumerate() {
+        let r = BlkRequest::read(0, SLOT).chain(q.mem())?;
+        let r = data_at(q, r, SPARE_IOVA)?;
+        let (status, _) = run_one(q, r)?;
+        ensure!(
+            status == Some(S_IOERR),
+            "queue {qi}: a read into the invalidated range got status {status:?}, want IOERR"
+        );
+    }
+    // 4. A new region mapped at a new IOVA carries verified reads of every write.
+    d.map_region(REMAP_IOVA, SPARE_LEN)?;
+    for (qi, q) in d.queues.iter_mut().enumerate() {
+        for i in 0..per {
+            let slot = qi as u64 * per + i;
+            let r = BlkRequest::read(slot * SLOT_SECTORS, SLOT).chain(q.mem())?;
+            let r = data_at(q, r, REMAP_IOVA + i * u64::from(SLOT))?;
+            let (status, data) = run_one(q, r)?;
+            ensure!(
+                status == Some(S_OK) && data == slot_data(seed, slot),
+                "queue {qi} slot {slot}: read through the new mapping: status {status:?}, data {}",
+                if data == slot_data(seed, slot) {
+                    "verified"
+                } else {
+                    "differs"
+                }
+            );
+        }
+    }
+    Ok(format!(
+        "iotlb: {outstanding} of {} writes outstanding when the second region was \
+         invalidated; all completed OK; a read into the invalidated range got IOERR on every \
+         queue; {} reads through a new mapping verified",
+        nq * per,
         nq * per
     ))
 }

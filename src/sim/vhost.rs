@@ -27,7 +27,7 @@ use vhost::{VhostBackend, VringConfigData};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::memory::SimMemory;
+use super::memory::{SimMemory, PROT_RW};
 use super::queue::{QueueLayout, SimQueue};
 use super::SimError;
 use crate::blk as b;
@@ -290,6 +290,30 @@ impl VhostDriver {
             self.queues.push(sq);
         }
         Ok(())
+    }
+
+    /// Add `len` bytes of read-write driver memory at `iova` and map them into the device's
+    /// IOTLB (one `VHOST_IOTLB_UPDATE`: the device's daemon sees one `VDUSE_UPDATE_IOTLB`).
+    pub fn map_region(&self, iova: u64, len: u64) -> Result<(), VhostError> {
+        self.mem.add_region(iova, len, PROT_RW)?;
+        let (_, _, host) = self
+            .mem
+            .driver_mappings()
+            .into_iter()
+            .find(|&(at, ..)| at == iova)
+            .ok_or(SimError::BadRegion(iova))?;
+        self.vdpa
+            .dma_map(iova, len, host, false)
+            .map_err(ioctl("IOTLB update (map)"))
+    }
+
+    /// Remove the mapping at `[iova, iova + len)` from the device's IOTLB
+    /// (`VHOST_IOTLB_INVALIDATE`); the driver keeps the memory. vhost drops every IOTLB entry
+    /// that overlaps the range, so name exactly one [`Self::map_region`] mapping.
+    pub fn unmap_region(&self, iova: u64, len: u64) -> Result<(), VhostError> {
+        self.vdpa
+            .dma_unmap(iova, len)
+            .map_err(ioctl("IOTLB invalidate (unmap)"))
     }
 
     /// `VHOST_VDPA_SET_VRING_ENABLE`.

@@ -422,6 +422,19 @@ case_vhost_io() {
     rm -f /tmp/vhio.img /tmp/vhio.expect
 }
 
+# UPDATE_IOTLB with real bytes: a second region carries verified I/O, is invalidated while
+# writes are in flight on both queues (they must complete and verify), must then be refused
+# (IOERR: no stale mapping), and a region mapped at a new IOVA carries verified reads.
+case_vhost_iotlb() {
+    serve_vhost vhit
+    bounded 300 /tmp/vhit.c.out /tmp/vhit.c.err vduse-blkd-vhost "$VH" iotlb --requests 16
+    [ "$RC" = 0 ] || { show_tail /tmp/vhit.err; fail "vhost iotlb: $(head -c 400 /tmp/vhit.c.err)"; }
+    note "$(cat /tmp/vhit.c.out)"
+    proc_gone "$VH_PID" && fail "the daemon exited during the IOTLB changes"
+    stop_vhost vhit
+    rm -f /tmp/vhit.img
+}
+
 # VDUSE_F_QUEUE_READY (7.3): queue 1 disabled and re-enabled through vhost_vdpa while queue 0
 # carries verified I/O; a request posted while disabled waits for the re-enable.
 case_vhost_queue_ready() {
@@ -478,6 +491,7 @@ want fio-verify && run_case fio-verify 300 case_fio_verify
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
 want attach-modes && run_case attach-modes 120 case_attach_modes
 want vhost-io && run_case vhost-io 300 case_vhost_io
+want vhost-iotlb && run_case vhost-iotlb 360 case_vhost_iotlb
 # The VDUSE feature requests exist only where the kernel offers them (7.3+).
 if [ "$(expected_features)" = 3 ]; then
     want vhost-queue-ready && run_case vhost-queue-ready 360 case_vhost_queue_ready
