@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use vduse_blkd::sim::blk::{BlkRequest, DwzSeg, S_OK};
-use vduse_blkd::sim::{Chain, Completion, SimDevice, SimDeviceConfig, SimRng};
+use vduse_blkd::sim::{Chain, Completion, SimDevice, SimDeviceConfig, SimQueue, SimRng};
 use vduse_blkd::worker::{WorkerError, WorkerExit};
 
 /// Return from the calling test, with a message, where this kernel blocks io_uring.
@@ -53,6 +53,12 @@ pub fn chain(dev: &SimDevice, r: &BlkRequest) -> Chain {
 pub fn run_req(dev: &mut SimDevice, q: usize, r: BlkRequest) -> Completion {
     let c = chain(dev, &r);
     run(dev, q, c)
+}
+
+/// Publish every head added to `q` and kick its worker.
+pub fn publish_and_kick(q: &mut SimQueue) {
+    q.publish().expect("publish");
+    q.kick().expect("kick");
 }
 
 /// Deterministic pattern for `len` bytes from `seed`.
