@@ -36,10 +36,10 @@ enum Outcome {
 }
 
 fn dev() -> SimDevice {
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.fill_seed = Some(0xbad);
-    cfg.queue_size = 256;
-    SimDevice::new(cfg).expect("device")
+    device_with(CAP, |cfg| {
+        cfg.fill_seed = Some(0xbad);
+        cfg.queue_size = 256;
+    })
 }
 
 /// Submit `chain` on queue 0 and check the used entry's head and the exact outcome.
@@ -316,9 +316,9 @@ fn status_descriptor_zero_length_gets_used_len_zero() {
         "unanswerable write was executed"
     );
     assert_serves(&mut d, 0, 16);
-    let exits = shutdown_clean(d);
-    assert_eq!(exits[0].stats.unanswerable, 3);
-    assert_eq!(exits[0].stats.writes, 1, "only assert_serves's write ran");
+    let stats = shutdown_stats(d);
+    assert_eq!(stats.unanswerable, 3);
+    assert_eq!(stats.writes, 1, "only assert_serves's write ran");
 }
 
 #[test]
@@ -465,8 +465,7 @@ fn unknown_request_type_is_unsupp() {
     r.in_len = 512;
     expect_req(&mut d, r, UNSUPP);
     assert_serves(&mut d, 0, 8);
-    let exits = shutdown_clean(d);
-    assert_eq!(exits[0].stats.errors, 8);
+    assert_eq!(shutdown_stats(d).errors, 8);
 }
 
 #[test]
@@ -503,9 +502,7 @@ fn zero_length_descriptors_are_skipped() {
 fn four_gib_descriptors_are_refused_without_touching_anything() {
     require_io_uring!();
     // 8 GiB sparse device, so capacity is not what refuses a 4 GiB transfer.
-    let mut cfg = SimDeviceConfig::new(8 << 30);
-    cfg.queue_size = 16;
-    let mut d = SimDevice::new(cfg).unwrap();
+    let mut d = device_with(8 << 30, |cfg| cfg.queue_size = 16);
     d.mem.add_region(FREE_IOVA, 64 << 10, PROT_RW).unwrap();
     d.mem.fill(FREE_IOVA, 64 << 10, POISON).unwrap();
     // IN into len = u32::MAX: not a multiple of 512.
@@ -651,10 +648,10 @@ fn get_id_into_read_only_memory_is_ioerr() {
 #[test]
 fn writes_to_a_read_only_device_are_ioerr() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.read_only = true;
-    cfg.fill_seed = Some(77);
-    let mut d = SimDevice::new(cfg).unwrap();
+    let mut d = device_with(CAP, |cfg| {
+        cfg.read_only = true;
+        cfg.fill_seed = Some(77);
+    });
     let before = d.backing_read(0, CAP as usize).unwrap();
     let blocks = d.allocated_blocks().unwrap();
     let writes = [
@@ -673,10 +670,8 @@ fn writes_to_a_read_only_device_are_ioerr() {
     let c = expect_req_ok(&mut d, BlkRequest::read(0, 4096));
     assert!(c.data == before[..4096]);
     expect_req(&mut d, BlkRequest::flush(), OK);
-    let c = run_req(&mut d, 0, BlkRequest::get_id());
-    assert_eq!((c.status, c.len), (Some(S_OK), 21));
-    let exits = shutdown_clean(d);
-    assert_eq!(exits[0].stats.errors, 4);
+    run_req_ok(&mut d, 0, BlkRequest::get_id(), 21);
+    assert_eq!(shutdown_stats(d).errors, 4);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -806,8 +801,7 @@ fn indirect_table_at_an_unmapped_iova_gets_used_len_zero() {
     d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
     expect(&mut d, raw_indirect(FREE_IOVA, 48), Outcome::NoStatus);
     assert_serves(&mut d, 0, 8);
-    let exits = shutdown_clean(d);
-    assert_eq!(exits[0].stats.unanswerable, 2);
+    assert_eq!(shutdown_stats(d).unanswerable, 2);
 }
 
 #[test]
@@ -1022,6 +1016,13 @@ fn same_head_posted_again_after_completion_is_served() {
     finish(d);
 }
 
+/// A device with one 16-entry queue whose worker is not started yet.
+fn unstarted() -> SimDevice {
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.queue_size = 16;
+    SimDevice::create(cfg).unwrap()
+}
+
 /// Give a created (not yet started) device a queue 0 of `size` entries at `layout`, start
 /// its worker, and expect it to stop with `Broken` naming `why`.
 fn start_expecting_broken(mut d: SimDevice, size: u16, layout: QueueLayout, why: &str) {
@@ -1035,15 +1036,13 @@ fn start_expecting_broken(mut d: SimDevice, size: u16, layout: QueueLayout, why:
 fn rings_in_unusable_memory_break_the_device_at_start() {
     require_io_uring!();
     // Used ring in read-only memory: the device cannot publish anything.
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.queue_size = 16;
-    let d = SimDevice::create(cfg.clone()).unwrap();
+    let d = unstarted();
     d.mem.add_region(FREE_IOVA, 0x1000, PROT_RO).unwrap();
     let mut layout = d.queues[0].layout();
     layout.used = FREE_IOVA;
     start_expecting_broken(d, 16, layout, "ring area not mapped");
     // Avail ring in memory the device may not access at all.
-    let d = SimDevice::create(cfg).unwrap();
+    let d = unstarted();
     d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
     let mut layout = d.queues[0].layout();
     layout.avail = FREE_IOVA;
@@ -1135,9 +1134,7 @@ fn same_head_reposted_with_a_changed_chain_while_in_flight_breaks_the_device() {
     serial[0..8].copy_from_slice(&unmapped.to_le_bytes());
     serial[8..12].copy_from_slice(&48u32.to_le_bytes());
     serial[12..14].copy_from_slice(&DESC_F_INDIRECT.to_le_bytes());
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.serial = serial;
-    let mut d = SimDevice::new(cfg).unwrap();
+    let mut d = device_with(CAP, |cfg| cfg.serial = serial);
     let read = chain(&d, &BlkRequest::read(0, 4096).indirect(true));
     let b = d.queues[0].add(read).unwrap();
     let entry = d.queues[0].layout().desc + 16 * u64::from(b);
@@ -1158,15 +1155,13 @@ fn same_head_reposted_with_a_changed_chain_while_in_flight_breaks_the_device() {
 #[test]
 fn bad_queue_size_or_misaligned_rings_are_refused_at_start() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.queue_size = 16;
     // A size that is not a power of two.
-    let d = SimDevice::create(cfg.clone()).unwrap();
+    let d = unstarted();
     let layout = d.queues[0].layout();
     start_expecting_broken(d, 12, layout, "bad queue size");
     // Each ring area misaligned in turn.
     for (which, why) in [(0, "descriptor table"), (1, "avail ring"), (2, "used ring")] {
-        let d = SimDevice::create(cfg.clone()).unwrap();
+        let d = unstarted();
         let mut layout = d.queues[0].layout();
         match which {
             0 => layout.desc += 8,
