@@ -74,11 +74,51 @@ fn expect_req(dev: &mut SimDevice, r: BlkRequest, want: Outcome) -> Completion {
     expect(dev, c, want)
 }
 
+/// Submit `c` and assert that it succeeded with `len` bytes of data (used length `len + 1`).
+fn expect_ok_read(d: &mut SimDevice, c: Chain, len: u32) -> Completion {
+    d.queues[0].submit(c).unwrap();
+    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
+    assert_eq!((c.status, c.len), (Some(S_OK), len + 1));
+    c
+}
+
+/// `expect_ok_read` on a chain built from `parts`.
+fn expect_ok_read_parts(d: &mut SimDevice, parts: &[Part], len: u32) -> Completion {
+    let c = chain_of(d, parts);
+    expect_ok_read(d, c, len)
+}
+
+/// `expect_ok_read` on a request built from content, for all of its device-writable data.
+fn expect_req_ok(d: &mut SimDevice, r: BlkRequest) -> Completion {
+    let c = chain(d, &r);
+    expect_ok_read(d, c, r.in_len)
+}
+
 /// `expect_req` on each request in turn, every one with the same outcome.
 fn expect_each(dev: &mut SimDevice, reqs: impl IntoIterator<Item = BlkRequest>, want: Outcome) {
     for r in reqs {
         expect_req(dev, r, want);
     }
+}
+
+/// On a fresh device, run `refused` (requests the worker must refuse); then the first `len`
+/// bytes of the backing file must be as they were, and the worker must still serve.
+fn refused_without_writing(len: usize, refused: impl FnOnce(&mut SimDevice)) {
+    let mut d = dev();
+    let before = d.backing_read(0, len).unwrap();
+    refused(&mut d);
+    assert!(
+        d.backing_read(0, len).unwrap() == before,
+        "the backing file changed"
+    );
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+/// Map `len` bytes of driver memory at `FREE_IOVA` with `prot`, filled with `POISON`.
+fn map_poisoned(dev: &SimDevice, len: u64, prot: i32) {
+    dev.mem.add_region(FREE_IOVA, len, prot).unwrap();
+    dev.mem.fill(FREE_IOVA, len as usize, POISON).unwrap();
 }
 
 /// The driver's memory at `[addr, addr + len)` still holds only `POISON`: nothing wrote there.
@@ -98,6 +138,12 @@ fn expect_broken(dev: &mut SimDevice, why: &str) {
         late.is_empty(),
         "used entries after the ring broke: {late:?}"
     );
+}
+
+/// Submit `chain`, then expect the worker to break for `why` (see `expect_broken`).
+fn submit_expecting_broken(dev: &mut SimDevice, chain: Chain, why: &str) {
+    dev.queues[0].submit(chain).unwrap();
+    expect_broken(dev, why);
 }
 
 /// Post a raw head (tracked with no buffers to free), publish, kick.
@@ -127,12 +173,16 @@ fn post_linked_headers(dev: &mut SimDevice, t: u32, n: usize, next: impl Fn(&[u1
     post_head(dev, slots[0], slots);
 }
 
-/// Store the avail index `to(current)` raw, whatever the ring holds, and kick.
-fn set_avail_idx_and_kick(dev: &mut SimDevice, to: impl FnOnce(u16) -> u16) {
-    let q = &mut dev.queues[0];
+/// On a device that has served a request, store the avail index `to(current)` raw and kick:
+/// the worker must break on the avail ring.
+fn expect_avail_idx_to_break(to: impl FnOnce(u16) -> u16) {
+    let mut d = dev();
+    assert_serves(&mut d, 0, 8);
+    let q = &mut d.queues[0];
     let idx = q.avail_idx();
     q.set_avail_idx_raw(to(idx)).unwrap();
     q.kick().unwrap();
+    expect_broken(&mut d, "avail ring");
 }
 
 /// One descriptor of a hand-built chain.
@@ -228,8 +278,7 @@ fn header_split_oddly_across_descriptors_is_served() {
     let hdr = header(T_IN, 16);
     let mut parts: Vec<Part> = hdr.chunks(1).map(Readable).collect();
     parts.extend([Writable(1024), STATUS]);
-    let c = chain_of(&d, &parts);
-    let c = expect_ok_read(&mut d, c, 1024);
+    let c = expect_ok_read_parts(&mut d, &parts, 1024);
     assert_eq!(c.data, data);
     finish(d);
 }
@@ -253,8 +302,8 @@ fn header_in_a_device_writable_descriptor_is_ioerr() {
 fn header_at_an_unmapped_iova_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    let unmapped = Desc::readable(FREE_IOVA + 0x10_0000, 16);
-    expect_parts(&mut d, &[Raw(unmapped), STATUS], IOERR);
+    let unmapped_header = Raw(Desc::readable(FREE_IOVA + 0x10_0000, 16));
+    expect_parts(&mut d, &[unmapped_header, STATUS], IOERR);
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -352,28 +401,18 @@ fn status_byte_outside_every_region_gets_used_len_zero() {
 #[test]
 fn in_with_device_readable_data_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, 4096).unwrap();
-    expect_parts(
-        &mut d,
-        &[Header(T_IN, 0), Readable(&[1u8; 512]), STATUS],
-        IOERR,
-    );
-    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(4096, |d| {
+        expect_parts(d, &[Header(T_IN, 0), Readable(&[1u8; 512]), STATUS], IOERR);
+    });
 }
 
 #[test]
 fn out_with_device_writable_data_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, 4096).unwrap();
-    let c = expect_parts(&mut d, &[Header(T_OUT, 0), Writable(512), STATUS], IOERR);
-    assert!(c.data.iter().all(|&x| x == POISON));
-    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(4096, |d| {
+        let c = expect_parts(d, &[Header(T_OUT, 0), Writable(512), STATUS], IOERR);
+        assert!(c.data.iter().all(|&x| x == POISON));
+    });
 }
 
 #[test]
@@ -439,19 +478,16 @@ fn sector_times_512_plus_length_overflowing_u64_is_ioerr() {
 #[test]
 fn length_not_a_multiple_of_512_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, 4096).unwrap();
-    let c = expect_req(&mut d, BlkRequest::read(0, 100), IOERR);
-    assert!(c.data.iter().all(|&x| x == POISON));
-    let ragged = [
-        BlkRequest::read(0, 513),
-        BlkRequest::write(0, &[3; 513]),
-        BlkRequest::write(0, &[3; 1]),
-    ];
-    expect_each(&mut d, ragged, IOERR);
-    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(4096, |d| {
+        let c = expect_req(d, BlkRequest::read(0, 100), IOERR);
+        assert!(c.data.iter().all(|&x| x == POISON));
+        let ragged = [
+            BlkRequest::read(0, 513),
+            BlkRequest::write(0, &[3; 513]),
+            BlkRequest::write(0, &[3; 1]),
+        ];
+        expect_each(d, ragged, IOERR);
+    });
 }
 
 #[test]
@@ -492,8 +528,7 @@ fn zero_length_descriptors_are_skipped() {
         Raw(Desc::writable(FREE_IOVA, 0)),
         STATUS,
     ];
-    let c = chain_of(&d, &read);
-    let c = expect_ok_read(&mut d, c, 1024);
+    let c = expect_ok_read_parts(&mut d, &read, 1024);
     assert_eq!(c.data, data);
     finish(d);
 }
@@ -503,8 +538,7 @@ fn four_gib_descriptors_are_refused_without_touching_anything() {
     require_io_uring!();
     // 8 GiB sparse device, so capacity is not what refuses a 4 GiB transfer.
     let mut d = device_with(8 << 30, |cfg| cfg.queue_size = 16);
-    d.mem.add_region(FREE_IOVA, 64 << 10, PROT_RW).unwrap();
-    d.mem.fill(FREE_IOVA, 64 << 10, POISON).unwrap();
+    map_poisoned(&d, 64 << 10, PROT_RW);
     // IN into len = u32::MAX: not a multiple of 512.
     let huge = Desc::writable(FREE_IOVA, u32::MAX);
     expect_parts(&mut d, &raw_data_request(T_IN, 0, huge), IOERR);
@@ -527,24 +561,22 @@ fn four_gib_descriptors_are_refused_without_touching_anything() {
 #[test]
 fn too_many_data_segments_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, 1025 * 512).unwrap();
     // 1025 segments is one more than a readv takes (IOV_MAX).
-    let r = BlkRequest::read(0, 1025 * 512).in_chunk(512).indirect(true);
-    let c = expect_req(&mut d, r, IOERR);
-    assert!(c.data.iter().all(|&x| x == POISON));
-    let data = pattern(3, 1025 * 512);
-    let r = BlkRequest::write(0, &data).out_chunk(512).indirect(true);
-    expect_req(&mut d, r, IOERR);
-    assert!(d.backing_read(0, 1025 * 512).unwrap() == before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(1025 * 512, |d| {
+        let r = BlkRequest::read(0, 1025 * 512).in_chunk(512).indirect(true);
+        let c = expect_req(d, r, IOERR);
+        assert!(c.data.iter().all(|&x| x == POISON));
+        let data = pattern(3, 1025 * 512);
+        let r = BlkRequest::write(0, &data).out_chunk(512).indirect(true);
+        expect_req(d, r, IOERR);
+    });
 }
 
 // ---------------------------------------------------------------------------------------
 // DISCARD, WRITE_ZEROES, GET_ID
 // ---------------------------------------------------------------------------------------
 
+/// A DISCARD or WRITE_ZEROES request (`t`) carrying `payload` as its segment list.
 fn dwz(t: u32, payload: &[u8]) -> BlkRequest {
     let mut r = BlkRequest::new(t, 0);
     r.out = payload.to_vec();
@@ -554,31 +586,22 @@ fn dwz(t: u32, payload: &[u8]) -> BlkRequest {
 #[test]
 fn dwz_bad_segment_count_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, CAP as usize).unwrap();
     let one = DwzSeg::payload(&[seg(0, 8, 0)]);
+    let mut partial = one.clone();
+    partial.extend_from_slice(&one[..8]);
     let seventeen = DwzSeg::payload(&vec![seg(0, 8, 0); 17]);
+    let mut reqs = Vec::new();
     for t in [T_DISCARD, T_WRITE_ZEROES] {
-        let mut partial = one.clone();
-        partial.extend_from_slice(&one[..8]);
-        let bad_counts = [
-            dwz(t, &[]),
-            dwz(t, &one[..8]),
-            dwz(t, &partial),
-            dwz(t, &seventeen),
-        ];
-        expect_each(&mut d, bad_counts, IOERR);
+        for payload in [&[][..], &one[..8], &partial, &seventeen] {
+            reqs.push(dwz(t, payload));
+        }
     }
-    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(CAP as usize, |d| expect_each(d, reqs, IOERR));
 }
 
 #[test]
 fn dwz_bad_flags_are_unsupp() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, CAP as usize).unwrap();
     // UNMAP is a WRITE_ZEROES flag only; any reserved bit is refused for both.
     let cases = [
         (T_DISCARD, WZ_FLAG_UNMAP),
@@ -586,22 +609,16 @@ fn dwz_bad_flags_are_unsupp() {
         (T_WRITE_ZEROES, 2),
         (T_WRITE_ZEROES, WZ_FLAG_UNMAP | 0x8000_0000),
     ];
-    for (t, flags) in cases {
-        // The bad flags sit in the second of two segments: nothing at all may be done.
-        let payload = DwzSeg::payload(&[seg(0, 8, 0), seg(64, 8, flags)]);
-        expect_req(&mut d, dwz(t, &payload), UNSUPP);
-    }
-    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    // The bad flags sit in the second of two segments: nothing at all may be done.
+    let reqs = cases.map(|(t, flags)| dwz(t, &DwzSeg::payload(&[seg(0, 8, 0), seg(64, 8, flags)])));
+    refused_without_writing(CAP as usize, |d| expect_each(d, reqs, UNSUPP));
 }
 
 #[test]
 fn dwz_range_past_capacity_or_empty_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, CAP as usize).unwrap();
     let last = CAP / 512;
+    let mut reqs = Vec::new();
     for t in [T_DISCARD, T_WRITE_ZEROES] {
         for bad in [
             seg(last, 1, 0),
@@ -609,13 +626,10 @@ fn dwz_range_past_capacity_or_empty_is_ioerr() {
             seg(0, 0, 0),
             seg(0, u32::MAX, 0),
         ] {
-            let payload = DwzSeg::payload(&[seg(0, 8, 0), bad]);
-            expect_req(&mut d, dwz(t, &payload), IOERR);
+            reqs.push(dwz(t, &DwzSeg::payload(&[seg(0, 8, 0), bad])));
         }
     }
-    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(CAP as usize, |d| expect_each(d, reqs, IOERR));
 }
 
 #[test]
@@ -734,29 +748,18 @@ fn a_descriptor_across_a_region_boundary_is_split_and_served() {
     assert_eq!(d.mem.lookups() - lookups, 3, "each region mapped once");
     // Read back into a buffer that spans the boundary the other way round.
     d.mem.fill(b - 512, 2048, POISON).unwrap();
-    let read = chain_of(
-        &d,
-        &raw_data_request(T_IN, 32, Desc::writable(b - 512, 2048)),
-    );
-    let c = expect_ok_read(&mut d, read, 2048);
+    let read = raw_data_request(T_IN, 32, Desc::writable(b - 512, 2048));
+    let c = expect_ok_read_parts(&mut d, &read, 2048);
     assert_eq!(c.data, data);
     assert_eq!(d.mem.read_vec(b - 512, 2048).unwrap(), data);
     finish(d);
-}
-
-fn expect_ok_read(d: &mut SimDevice, c: Chain, len: u32) -> Completion {
-    d.queues[0].submit(c).unwrap();
-    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
-    assert_eq!((c.status, c.len), (Some(S_OK), len + 1));
-    c
 }
 
 #[test]
 fn in_buffer_in_read_only_memory_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    d.mem.add_region(FREE_IOVA, 0x2000, PROT_RO).unwrap();
-    d.mem.fill(FREE_IOVA, 0x2000, POISON).unwrap();
+    map_poisoned(&d, 0x2000, PROT_RO);
     let read_only = Desc::writable(FREE_IOVA, 4096);
     expect_parts(&mut d, &raw_data_request(T_IN, 0, read_only), IOERR);
     assert_poisoned(&d, FREE_IOVA, 0x2000);
@@ -772,16 +775,13 @@ fn in_buffer_in_read_only_memory_is_ioerr() {
 #[test]
 fn buffers_in_no_access_memory_are_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
-    let before = d.backing_read(0, 4096).unwrap();
-    let no_access = Desc::readable(FREE_IOVA, 4096);
-    expect_parts(&mut d, &raw_data_request(T_OUT, 0, no_access), IOERR);
-    let no_access_header = Desc::readable(FREE_IOVA, 16);
-    expect_parts(&mut d, &[Raw(no_access_header), STATUS], IOERR);
-    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(4096, |d| {
+        d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
+        let no_access = Desc::readable(FREE_IOVA, 4096);
+        expect_parts(d, &raw_data_request(T_OUT, 0, no_access), IOERR);
+        let no_access_header = Desc::readable(FREE_IOVA, 16);
+        expect_parts(d, &[Raw(no_access_header), STATUS], IOERR);
+    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -810,8 +810,7 @@ fn indirect_table_with_a_bad_length_breaks_the_device() {
     for len in [0u32, 24, 17 * 1024 * 1024] {
         let mut d = dev();
         let table = d.mem.alloc(64, 16).unwrap();
-        d.queues[0].submit(raw_indirect(table, len)).unwrap();
-        expect_broken(&mut d, "indirect table length");
+        submit_expecting_broken(&mut d, raw_indirect(table, len), "indirect table length");
     }
 }
 
@@ -838,8 +837,7 @@ fn indirect_table_inside_an_indirect_table_breaks_the_device() {
         next: Some(0),
     };
     let c = via_indirect_table(chain_of(&d, &[Raw(outer)]));
-    d.queues[0].submit(c).unwrap();
-    expect_broken(&mut d, "indirect table inside an indirect table");
+    submit_expecting_broken(&mut d, c, "indirect table inside an indirect table");
 }
 
 #[test]
@@ -856,8 +854,7 @@ fn indirect_descriptor_loop_breaks_the_device() {
         })
     };
     let c = via_indirect_table(chain_of(&d, &[to(1), to(0)]));
-    d.queues[0].submit(c).unwrap();
-    expect_broken(&mut d, "loop");
+    submit_expecting_broken(&mut d, c, "loop");
 }
 
 #[test]
@@ -868,8 +865,7 @@ fn indirect_next_index_out_of_range_breaks_the_device() {
     // Two entries; the first names entry 2.
     c.descs[0].next = Some(2);
     c.descs[0].flags |= DESC_F_NEXT;
-    d.queues[0].submit(c).unwrap();
-    expect_broken(&mut d, "next index 2");
+    submit_expecting_broken(&mut d, c, "next index 2");
 }
 
 #[test]
@@ -885,11 +881,6 @@ fn indirect_chain_longer_than_the_queue_is_served() {
     let c = expect_req_ok(&mut d, r);
     assert_eq!(c.data, data);
     finish(d);
-}
-
-fn expect_req_ok(d: &mut SimDevice, r: BlkRequest) -> Completion {
-    let c = chain(d, &r);
-    expect_ok_read(d, c, r.in_len)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -955,10 +946,7 @@ fn head_index_out_of_range_breaks_the_device() {
 #[test]
 fn avail_idx_jumping_by_more_than_the_queue_size_breaks_the_device() {
     require_io_uring!();
-    let mut d = dev();
-    assert_serves(&mut d, 0, 8);
-    set_avail_idx_and_kick(&mut d, |idx| idx.wrapping_add(257));
-    expect_broken(&mut d, "avail ring");
+    expect_avail_idx_to_break(|idx| idx.wrapping_add(257));
 }
 
 #[test]
@@ -1074,10 +1062,7 @@ fn device_writable_flag_on_an_indirect_descriptor_is_ignored_safely() {
 #[test]
 fn avail_idx_moving_backwards_breaks_the_device() {
     require_io_uring!();
-    let mut d = dev();
-    assert_serves(&mut d, 0, 8);
-    set_avail_idx_and_kick(&mut d, |idx| idx.wrapping_sub(1));
-    expect_broken(&mut d, "avail ring");
+    expect_avail_idx_to_break(|idx| idx.wrapping_sub(1));
 }
 
 #[test]
@@ -1112,8 +1097,8 @@ fn in_buffer_overlapping_the_descriptor_table_is_served() {
     // walked before the read lands, so the request completes normally.
     let mut d = dev();
     let table = d.queues[0].layout().desc;
-    let read = chain_of(&d, &raw_data_request(T_IN, 64, Desc::writable(table, 512)));
-    let c = expect_ok_read(&mut d, read, 512);
+    let read = raw_data_request(T_IN, 64, Desc::writable(table, 512));
+    let c = expect_ok_read_parts(&mut d, &read, 512);
     let file = d.backing_read(64 * 512, 512).unwrap();
     assert_eq!(c.data, file);
     assert_eq!(d.mem.read_vec(table, 512).unwrap(), file);
