@@ -278,8 +278,7 @@ fn header_split_oddly_across_descriptors_is_served() {
     let hdr = header(T_IN, 16);
     let mut parts: Vec<Part> = hdr.chunks(1).map(Readable).collect();
     parts.extend([Writable(1024), STATUS]);
-    let c = expect_ok_read_parts(&mut d, &parts, 1024);
-    assert_eq!(c.data, data);
+    assert_eq!(expect_ok_read_parts(&mut d, &parts, 1024).data, data);
     finish(d);
 }
 
@@ -302,8 +301,11 @@ fn header_in_a_device_writable_descriptor_is_ioerr() {
 fn header_at_an_unmapped_iova_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    let unmapped_header = Raw(Desc::readable(FREE_IOVA + 0x10_0000, 16));
-    expect_parts(&mut d, &[unmapped_header, STATUS], IOERR);
+    expect_parts(
+        &mut d,
+        &[Raw(Desc::readable(FREE_IOVA + 0x10_0000, 16)), STATUS],
+        IOERR,
+    );
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -327,8 +329,11 @@ fn status_descriptor_read_only_gets_no_status() {
     );
     assert!(c.data.iter().all(|&x| x == POISON), "no data was read");
     // FLUSH whose only status candidate is readable.
-    let flush = [Header(T_FLUSH, 0), Readable(&[POISON])];
-    expect_parts(&mut d, &flush, Outcome::NoStatus);
+    expect_parts(
+        &mut d,
+        &[Header(T_FLUSH, 0), Readable(&[POISON])],
+        Outcome::NoStatus,
+    );
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -401,8 +406,9 @@ fn status_byte_outside_every_region_gets_used_len_zero() {
 #[test]
 fn in_with_device_readable_data_is_ioerr() {
     require_io_uring!();
+    let into_readable = [Header(T_IN, 0), Readable(&[1u8; 512]), STATUS];
     refused_without_writing(4096, |d| {
-        expect_parts(d, &[Header(T_IN, 0), Readable(&[1u8; 512]), STATUS], IOERR);
+        expect_parts(d, &into_readable, IOERR);
     });
 }
 
@@ -419,19 +425,17 @@ fn out_with_device_writable_data_is_ioerr() {
 fn flush_or_get_id_with_wrong_data_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    let cases: [&[Part]; 3] = [
-        &[Header(T_FLUSH, 0), Readable(&[0u8; 512]), STATUS],
-        &[Header(T_FLUSH, 0), Writable(512), STATUS],
-        &[
-            Header(T_GET_ID, 0),
-            Readable(&[0u8; 20]),
-            Writable(20),
-            STATUS,
-        ],
+    let flush_carrying_data = [Header(T_FLUSH, 0), Readable(&[0u8; 512]), STATUS];
+    expect_parts(&mut d, &flush_carrying_data, IOERR);
+    let flush_asking_for_data = [Header(T_FLUSH, 0), Writable(512), STATUS];
+    expect_parts(&mut d, &flush_asking_for_data, IOERR);
+    let get_id_carrying_data = [
+        Header(T_GET_ID, 0),
+        Readable(&[0u8; 20]),
+        Writable(20),
+        STATUS,
     ];
-    for parts in cases {
-        expect_parts(&mut d, parts, IOERR);
-    }
+    expect_parts(&mut d, &get_id_carrying_data, IOERR);
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -551,9 +555,12 @@ fn four_gib_descriptors_are_refused_without_touching_anything() {
     expect_parts(&mut d, &raw_data_request(T_OUT, 0, from_big), IOERR);
     assert!(d.is_hole(0, 8 << 30).unwrap(), "nothing was written");
     // A FLUSH whose header descriptor is 4 GiB long: data where none is allowed.
-    let c = chain_of(&d, &[Raw(Desc::readable(FREE_IOVA, u32::MAX)), STATUS]);
     d.mem.write(FREE_IOVA, &header(T_FLUSH, 0)).unwrap();
-    expect(&mut d, c, IOERR);
+    expect_parts(
+        &mut d,
+        &[Raw(Desc::readable(FREE_IOVA, u32::MAX)), STATUS],
+        IOERR,
+    );
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
