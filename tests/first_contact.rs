@@ -21,6 +21,19 @@ fn run(args: &[&str]) -> Output {
         .expect("run vduse-blkd")
 }
 
+/// Run with `args`, assert that it exits 0, and return the output with its stdout as text.
+fn run_ok(args: &[&str]) -> (Output, String) {
+    let out = run(args);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{args:?}\nstdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    (out, stdout)
+}
+
 fn has_vduse() -> bool {
     Path::new("/dev/vduse/control").exists()
 }
@@ -43,14 +56,7 @@ fn modprobe_could_work() -> bool {
 
 #[test]
 fn probe_exits_0_and_says_what_is_missing() {
-    let out = run(&["probe"]);
-    let stdout = text(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout: {stdout}\nstderr: {}",
-        text(&out.stderr)
-    );
+    let (out, stdout) = run_ok(&["probe"]);
     assert!(out.stderr.is_empty(), "stderr: {}", text(&out.stderr));
     assert!(stdout.starts_with("kernel:"), "{stdout}");
     assert!(stdout.contains("kernel config:"), "{stdout}");
@@ -76,10 +82,9 @@ fn tristate_or_null(v: &Value) -> bool {
 
 #[test]
 fn probe_json_has_the_missing_pieces_as_fields() {
-    let out = run(&["probe", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out.stdout)));
+    let (_, stdout) = run_ok(&["probe", "--json"]);
+    let v: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"));
     let vduse = &v["vduse"];
     assert_eq!(vduse["control_device"], Value::Bool(has_vduse()), "{v}");
     assert_eq!(v["control_device"], Value::Bool(has_vduse()), "{v}");
@@ -210,14 +215,7 @@ fn help_mentions_every_flag() {
         ("del", &[]),
     ];
     for (sub, flags) in cases {
-        let out = run(&[sub, "--help"]);
-        let help = text(&out.stdout);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{sub} --help: {}",
-            text(&out.stderr)
-        );
+        let (_, help) = run_ok(&[sub, "--help"]);
         for flag in flags {
             assert!(help.contains(flag), "{sub} --help lacks {flag}:\n{help}");
         }

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use vduse_blkd::sim::blk::{BlkRequest, DwzSeg, POISON, S_IOERR, S_OK, WZ_FLAG_UNMAP};
@@ -22,8 +23,7 @@ fn run_batch(q: &mut SimQueue, reqs: Vec<BlkRequest>) -> Vec<Completion> {
         let c = r.tag(i as u64).chain(q.mem()).expect("chain");
         q.add(c).expect("add");
     }
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     let mut done = q.wait_used(n, TIMEOUT).expect("completions");
     assert_eq!(done.len(), n);
     assert!(done.iter().all(|c| c.tracked), "stray used entry");
@@ -38,34 +38,28 @@ fn run_batch(q: &mut SimQueue, reqs: Vec<BlkRequest>) -> Vec<Completion> {
 #[test]
 fn read_and_write_single_and_multi_segment() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(MIB);
-    cfg.fill_seed = Some(1);
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let mut dev = device_with(MIB, |cfg| cfg.fill_seed = Some(1));
     let before = dev.backing_read(0, MIB as usize).unwrap();
 
     // IN: one data descriptor; used len = data + status.
-    let c = run_req(&mut dev, 0, BlkRequest::read(3, 1536));
-    assert_eq!((c.status, c.len), (Some(S_OK), 1537));
+    let c = run_req_ok(&mut dev, 0, BlkRequest::read(3, 1536), 1537);
     assert!(c.data == before[3 * 512..3 * 512 + 1536]);
 
     // IN: data split into odd pieces, status sharing the last data descriptor.
     let r = BlkRequest::read(100, 8192)
         .in_chunk(1000)
         .status_shared(true);
-    let c = run_req(&mut dev, 0, r);
-    assert_eq!((c.status, c.len), (Some(S_OK), 8193));
+    let c = run_req_ok(&mut dev, 0, r, 8193);
     assert!(c.data == before[100 * 512..100 * 512 + 8192]);
 
     // OUT: header and data split into 100-byte pieces (the header spans descriptors, and
     // header and data share one).
     let data = pattern(7, 4096);
-    let c = run_req(&mut dev, 0, BlkRequest::write(40, &data).out_chunk(100));
-    assert_eq!((c.status, c.len), (Some(S_OK), 1));
+    run_req_ok(&mut dev, 0, BlkRequest::write(40, &data).out_chunk(100), 1);
     assert_eq!(dev.backing_read(40 * 512, 4096).unwrap(), data);
 
     // A zero-length read is a no-op that succeeds.
-    let c = run_req(&mut dev, 0, BlkRequest::read(0, 0));
-    assert_eq!((c.status, c.len), (Some(S_OK), 1));
+    run_req_ok(&mut dev, 0, BlkRequest::read(0, 0), 1);
 
     // The last sector of the device.
     let c = run_req(&mut dev, 0, BlkRequest::write(MIB / 512 - 1, &[9u8; 512]));
@@ -73,41 +67,60 @@ fn read_and_write_single_and_multi_segment() {
     let c = run_req(&mut dev, 0, BlkRequest::read(MIB / 512 - 1, 512));
     assert_eq!((c.status, c.data), (Some(S_OK), vec![9u8; 512]));
 
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.reads, 4);
-    assert_eq!(exits[0].stats.writes, 2);
-    assert_eq!(exits[0].stats.errors, 0);
-    assert_eq!(exits[0].stats.bytes_read, 1536 + 8192 + 512);
+    let stats = shutdown_stats(dev);
+    assert_eq!(stats.reads, 4);
+    assert_eq!(stats.writes, 2);
+    assert_eq!(stats.errors, 0);
+    assert_eq!(stats.bytes_read, 1536 + 8192 + 512);
 }
 
 #[test]
 fn flush_succeeds() {
     require_io_uring!();
     let mut dev = device(16, false);
-    let c = run_req(&mut dev, 0, BlkRequest::flush());
-    assert_eq!((c.status, c.len), (Some(S_OK), 1));
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.flushes, 1);
+    run_req_ok(&mut dev, 0, BlkRequest::flush(), 1);
+    assert_eq!(shutdown_stats(dev).flushes, 1);
 }
 
 #[test]
 fn get_id_returns_the_serial() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(MIB);
-    cfg.serial = *b"0123456789abcdefghij";
-    let mut dev = SimDevice::new(cfg).unwrap();
-    let c = run_req(&mut dev, 0, BlkRequest::get_id());
-    assert_eq!((c.status, c.len), (Some(S_OK), 21));
+    let mut dev = device_with(MIB, |cfg| cfg.serial = *b"0123456789abcdefghij");
+    let c = run_req_ok(&mut dev, 0, BlkRequest::get_id(), 21);
     assert_eq!(c.data, b"0123456789abcdefghij");
 
     // A larger buffer split in pieces: 20 bytes are written, the rest is untouched.
     let mut r = BlkRequest::get_id().in_chunk(7);
     r.in_len = 64;
-    let c = run_req(&mut dev, 0, r);
-    assert_eq!((c.status, c.len), (Some(S_OK), 21));
+    let c = run_req_ok(&mut dev, 0, r, 21);
     assert_eq!(&c.data[..20], b"0123456789abcdefghij");
     assert!(c.data[20..].iter().all(|&b| b == POISON));
     shutdown_clean(dev);
+}
+
+/// The backing file reads as zeroes over `[offset, offset + len)`; `what` names the range.
+#[track_caller]
+fn assert_zeroed(dev: &SimDevice, offset: u64, len: usize, what: &str) {
+    let bytes = dev.backing_read(offset, len).unwrap();
+    assert!(bytes.iter().all(|&b| b == 0), "{what} not zeroed");
+}
+
+/// `segs` all read as zeroes in the backing file.
+fn assert_segments_zeroed(dev: &SimDevice, segs: &[DwzSeg], what: &str) {
+    for s in segs {
+        let len = s.num_sectors as usize * 512;
+        assert_zeroed(dev, s.sector * 512, len, &format!("{what}: {s:?}"));
+    }
+}
+
+/// `/dev/shm`, a tmpfs (which has no FALLOC_FL_ZERO_RANGE), or `None` with a note if absent.
+fn tmpfs_dir() -> Option<PathBuf> {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm: fallback not exercised");
+        return None;
+    }
+    Some(shm.to_path_buf())
 }
 
 /// Write a pattern over `[sector, sector + n)` through the device.
@@ -124,16 +137,10 @@ fn discard_punches_a_hole() {
     let mut dev = device(16, false);
     fill_range(&mut dev, 128, 64 << 10, 3);
     assert!(!dev.is_hole(128 * 512, 64 << 10).unwrap());
-    let c = run_req(&mut dev, 0, BlkRequest::discard(&[seg(128, 128, 0)]));
-    assert_eq!((c.status, c.len), (Some(S_OK), 1));
+    run_req_ok(&mut dev, 0, BlkRequest::discard(&[seg(128, 128, 0)]), 1);
     assert!(dev.is_hole(128 * 512, 64 << 10).unwrap());
-    assert!(dev
-        .backing_read(128 * 512, 64 << 10)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0));
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.discards, 1);
+    assert_zeroed(&dev, 128 * 512, 64 << 10, "the discarded range");
+    assert_eq!(shutdown_stats(dev).discards, 1);
 }
 
 #[test]
@@ -141,18 +148,10 @@ fn write_zeroes_with_unmap_leaves_a_hole() {
     require_io_uring!();
     let mut dev = device(16, false);
     fill_range(&mut dev, 256, 64 << 10, 4);
-    let c = run_req(
-        &mut dev,
-        0,
-        BlkRequest::write_zeroes(&[seg(256, 128, WZ_FLAG_UNMAP)]),
-    );
-    assert_eq!((c.status, c.len), (Some(S_OK), 1));
+    let unmap = [seg(256, 128, WZ_FLAG_UNMAP)];
+    run_req_ok(&mut dev, 0, BlkRequest::write_zeroes(&unmap), 1);
     assert!(dev.is_hole(256 * 512, 64 << 10).unwrap());
-    assert!(dev
-        .backing_read(256 * 512, 64 << 10)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0));
+    assert_zeroed(&dev, 256 * 512, 64 << 10, "the unmapped range");
     shutdown_clean(dev);
 }
 
@@ -162,13 +161,13 @@ fn write_zeroes_without_unmap_zeroes_and_keeps_blocks() {
     let mut dev = device(16, false);
     fill_range(&mut dev, 256, 64 << 10, 5);
     let blocks = dev.allocated_blocks().unwrap();
-    let c = run_req(&mut dev, 0, BlkRequest::write_zeroes(&[seg(256, 128, 0)]));
-    assert_eq!((c.status, c.len), (Some(S_OK), 1));
-    assert!(dev
-        .backing_read(256 * 512, 64 << 10)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0));
+    run_req_ok(
+        &mut dev,
+        0,
+        BlkRequest::write_zeroes(&[seg(256, 128, 0)]),
+        1,
+    );
+    assert_zeroed(&dev, 256 * 512, 64 << 10, "the range");
     assert!(
         dev.allocated_blocks().unwrap() >= blocks,
         "WRITE_ZEROES without UNMAP deallocated blocks"
@@ -181,40 +180,28 @@ fn write_zeroes_without_unmap_zeroes_and_keeps_blocks() {
     );
     let after = dev.backing_read(384 * 512, 512).unwrap();
     assert!(after.iter().all(|&b| b == 0));
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.write_zeroes, 1);
+    assert_eq!(shutdown_stats(dev).write_zeroes, 1);
 }
 
 /// tmpfs has no FALLOC_FL_ZERO_RANGE: WRITE_ZEROES must fall back (punch + allocate).
 #[test]
 fn write_zeroes_falls_back_where_zero_range_is_unsupported() {
     require_io_uring!();
-    let shm = std::path::Path::new("/dev/shm");
-    if !shm.is_dir() {
-        eprintln!("no /dev/shm: fallback not exercised");
+    let Some(shm) = tmpfs_dir() else {
         return;
-    }
-    let mut cfg = SimDeviceConfig::new(MIB);
-    cfg.dir = Some(shm.to_path_buf());
-    cfg.fill_seed = Some(6);
-    let mut dev = SimDevice::new(cfg).unwrap();
+    };
+    let mut dev = device_with(MIB, |cfg| {
+        cfg.dir = Some(shm);
+        cfg.fill_seed = Some(6);
+    });
     let segs = [seg(0, 8, 0), seg(64, 16, WZ_FLAG_UNMAP), seg(200, 8, 0)];
     let c = run_req(&mut dev, 0, BlkRequest::write_zeroes(&segs));
     assert_eq!(c.status, Some(S_OK));
-    for s in segs {
-        let bytes = dev
-            .backing_read(s.sector * 512, s.num_sectors as usize * 512)
-            .unwrap();
-        assert!(bytes.iter().all(|&b| b == 0), "segment {s:?} not zeroed");
-    }
+    assert_segments_zeroed(&dev, &segs, "segment");
     // A second request after the worker learned ZERO_RANGE is unsupported.
     let c = run_req(&mut dev, 0, BlkRequest::write_zeroes(&[seg(300, 8, 0)]));
     assert_eq!(c.status, Some(S_OK));
-    assert!(dev
-        .backing_read(300 * 512, 4096)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0));
+    assert_zeroed(&dev, 300 * 512, 4096, "the second request's range");
     // Untouched data stays.
     assert_ne!(dev.backing_read(8 * 512, 512).unwrap(), vec![0u8; 512]);
     shutdown_clean(dev);
@@ -223,9 +210,7 @@ fn write_zeroes_falls_back_where_zero_range_is_unsupported() {
 #[test]
 fn discard_and_write_zeroes_segment_lists() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(4 * MIB);
-    cfg.fill_seed = Some(8);
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let mut dev = device_with(4 * MIB, |cfg| cfg.fill_seed = Some(8));
     let one = [seg(8, 8, 0)];
     let sixteen: Vec<DwzSeg> = (0..16)
         .map(|i| seg(1024 + i * 64, 8 + i as u32, 0))
@@ -235,12 +220,7 @@ fn discard_and_write_zeroes_segment_lists() {
     for (name, segs) in [("one", &one[..]), ("sixteen", &sixteen[..])] {
         let c = run_req(&mut dev, 0, BlkRequest::write_zeroes(segs));
         assert_eq!((c.status, c.len), (Some(S_OK), 1), "{name}");
-        for s in segs {
-            let b = dev
-                .backing_read(s.sector * 512, s.num_sectors as usize * 512)
-                .unwrap();
-            assert!(b.iter().all(|&x| x == 0), "{name}: {s:?} not zeroed");
-        }
+        assert_segments_zeroed(&dev, segs, name);
         let c = run_req(&mut dev, 0, BlkRequest::discard(segs));
         assert_eq!(c.status, Some(S_OK), "{name} discard");
     }
@@ -265,10 +245,10 @@ fn discard_and_write_zeroes_segment_lists() {
         );
     }
     assert_eq!(dev.backing_read(4096 * 512, 17 * 64 * 512).unwrap(), before);
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.write_zeroes, 3);
-    assert_eq!(exits[0].stats.discards, 2);
-    assert_eq!(exits[0].stats.errors, 2);
+    let stats = shutdown_stats(dev);
+    assert_eq!(stats.write_zeroes, 3);
+    assert_eq!(stats.discards, 2);
+    assert_eq!(stats.errors, 2);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -351,8 +331,7 @@ fn workload(
         if honour_suppression {
             q.publish_and_notify().unwrap();
         } else {
-            q.publish().unwrap();
-            q.kick().unwrap();
+            publish_and_kick(q);
         }
         let done = q.wait_used(expect.len(), TIMEOUT).expect("batch completes");
         assert_eq!(done.len(), expect.len());
@@ -374,11 +353,11 @@ fn workload(
 
 fn random_io_against_model(event_idx: bool, seed: u64) {
     let cap = 8 * MIB;
-    let mut cfg = SimDeviceConfig::new(cap);
-    cfg.queue_size = 128;
-    cfg.event_idx = event_idx;
-    cfg.fill_seed = Some(seed);
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let mut dev = device_with(cap, |cfg| {
+        cfg.queue_size = 128;
+        cfg.event_idx = event_idx;
+        cfg.fill_seed = Some(seed);
+    });
     let mut model = dev.backing_read(0, cap as usize).unwrap();
     let mut rng = SimRng::new(seed.wrapping_mul(31));
     let q = &mut dev.queues[0];
@@ -412,12 +391,12 @@ fn multi_queue_workers_share_one_file() {
     require_io_uring!();
     let cap = 4 * MIB;
     for queues in [2u16, 4] {
-        let mut cfg = SimDeviceConfig::new(cap);
-        cfg.queues = queues;
-        cfg.queue_size = 64;
-        cfg.event_idx = queues == 4;
-        cfg.fill_seed = Some(u64::from(queues));
-        let mut dev = SimDevice::new(cfg).unwrap();
+        let mut dev = device_with(cap, |cfg| {
+            cfg.queues = queues;
+            cfg.queue_size = 64;
+            cfg.event_idx = queues == 4;
+            cfg.fill_seed = Some(u64::from(queues));
+        });
         let mut model = dev.backing_read(0, cap as usize).unwrap();
         let span = model.len() / usize::from(queues);
         let counts: Vec<usize> = std::thread::scope(|s| {
@@ -490,9 +469,9 @@ fn event_idx_suppresses_and_delivers_interrupts() {
     let c = run_req(&mut dev, 0, BlkRequest::flush());
     assert_eq!(c.status, Some(S_OK));
 
-    let exits = shutdown_clean(dev);
     assert_eq!(
-        exits[0].stats.interrupts, 2,
+        shutdown_stats(dev).interrupts,
+        2,
         "exactly the two wanted interrupts"
     );
     assert_eq!(irq.count(), 2);
@@ -511,8 +490,7 @@ fn without_event_idx_every_batch_interrupts() {
         .unwrap();
     // Idle, notifications are enabled (no NO_NOTIFY flag).
     assert_eq!(dev.queues[0].used_flags().unwrap() & USED_F_NO_NOTIFY, 0);
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.interrupts, 5);
+    assert_eq!(shutdown_stats(dev).interrupts, 5);
     assert_eq!(irq.count(), 5);
 }
 
@@ -563,8 +541,7 @@ fn indirect_descriptors() {
     assert_eq!(c.status, Some(S_OK));
     let r = BlkRequest::read(64, 16 << 10).in_chunk(512).indirect(true);
     assert_eq!(r.desc_count(), 1);
-    let c = run_req(&mut dev, 0, r);
-    assert_eq!((c.status, c.len), (Some(S_OK), (16 << 10) + 1));
+    let c = run_req_ok(&mut dev, 0, r, (16 << 10) + 1);
     assert!(c.data == data);
     // 1024 data segments is the most one request may carry (IOV_MAX).
     let r = BlkRequest::read(0, 1024 * 512).in_chunk(512).indirect(true);
@@ -577,9 +554,7 @@ fn indirect_descriptors() {
 fn full_queue_every_descriptor_in_flight() {
     require_io_uring!();
     // Direct: 128 two-descriptor reads fill a 256-entry table.
-    let mut cfg = SimDeviceConfig::new(4 * MIB);
-    cfg.fill_seed = Some(12);
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let mut dev = device_with(4 * MIB, |cfg| cfg.fill_seed = Some(12));
     let content = dev.backing_read(0, 4 * MIB as usize).unwrap();
     let reqs: Vec<BlkRequest> = (0..128)
         .map(|i| BlkRequest::read(i * 16, 4096).status_shared(true))
@@ -591,8 +566,7 @@ fn full_queue_every_descriptor_in_flight() {
     }
     assert_eq!(dev.queues[0].free_descs(), 0);
     let q = &mut dev.queues[0];
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     let done = q.wait_used(128, TIMEOUT).unwrap();
     for c in &done {
         assert_eq!(c.status, Some(S_OK));
@@ -619,26 +593,24 @@ fn run_sixteen_range_write_zeroes(mut dev: SimDevice, reqs: Vec<BlkRequest>) {
     let done = run_batch(&mut dev.queues[0], reqs);
     assert!(done.iter().all(|c| c.status == Some(S_OK)));
     for i in 0..512u64 {
-        let z = dev.backing_read(i * 16 * 512, 4096).unwrap();
-        assert!(z.iter().all(|&b| b == 0), "range {i} not zeroed");
+        assert_zeroed(&dev, i * 16 * 512, 4096, &format!("range {i}"));
         let kept = dev.backing_read(i * 16 * 512 + 4096, 512).unwrap();
         assert!(
             kept.iter().any(|&b| b != 0),
             "data after range {i} was zeroed"
         );
     }
-    let exits = shutdown_clean(dev);
-    assert_eq!(exits[0].stats.write_zeroes, 32);
+    assert_eq!(shutdown_stats(dev).write_zeroes, 32);
 }
 
 #[test]
 fn full_queue_of_sixteen_segment_write_zeroes_is_throttled_not_lost() {
     require_io_uring!();
     // 32 requests x 16 ranges = 512 fallocate ops, more than the worker's CQ holds at once.
-    let mut cfg = SimDeviceConfig::new(4 * MIB);
-    cfg.queue_size = 32;
-    cfg.fill_seed = Some(13);
-    let dev = SimDevice::new(cfg).unwrap();
+    let dev = device_with(4 * MIB, |cfg| {
+        cfg.queue_size = 32;
+        cfg.fill_seed = Some(13);
+    });
     let reqs: Vec<BlkRequest> = (0..32u64)
         .map(|r| {
             let segs: Vec<DwzSeg> = (0..16)
@@ -661,10 +633,7 @@ fn every_queue_size_serves_requests() {
     require_io_uring!();
     let mut size = 1u16;
     loop {
-        let mut cfg = SimDeviceConfig::new(MIB);
-        cfg.queue_size = size;
-        cfg.event_idx = size.is_multiple_of(4);
-        let mut dev = SimDevice::new(cfg).unwrap();
+        let mut dev = device(size, size.is_multiple_of(4));
         // Small rings need indirect tables for three-descriptor requests.
         let ind = size < 4;
         let n = (u64::from(size) * 2 + 1).min(6);
@@ -745,13 +714,10 @@ fn check_all_once(done: &[Completion], n: u64) {
 #[test]
 fn stop_and_resume_without_loss_deterministic() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(4 * MIB);
-    cfg.queue_size = 64;
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let mut dev = device_with(4 * MIB, |cfg| cfg.queue_size = 64);
     let q = &mut dev.queues[0];
     add_writes(q, 0..30);
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     let mut done = q.wait_used(1, TIMEOUT).unwrap();
     // Published but not kicked: the worker never looks at these before it stops.
     add_writes(q, 30..60);
@@ -782,19 +748,15 @@ fn stop_and_resume_without_loss_deterministic() {
 #[test]
 fn stop_with_io_in_flight_resumes_without_loss() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(4 * MIB);
-    cfg.queue_size = 64;
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let mut dev = device_with(4 * MIB, |cfg| cfg.queue_size = 64);
     let mut base = 0u64;
     let mut resumed_with_backlog = 0;
     for round in 0..20u64 {
         let q = &mut dev.queues[0];
         add_writes(q, base..base + 32);
-        q.publish().unwrap();
-        q.kick().unwrap();
+        publish_and_kick(q);
         add_writes(q, base + 32..base + 64);
-        q.publish().unwrap();
-        q.kick().unwrap();
+        publish_and_kick(q);
         // Stop at once: some requests may be in flight, some not yet popped.
         let exit = dev.stop(0).expect("clean stop");
         assert_eq!(
@@ -845,16 +807,14 @@ fn stop_with_io_in_flight_resumes_without_loss() {
 #[test]
 fn write_zeroes_fallback_with_a_full_queue() {
     require_io_uring!();
-    let shm = std::path::Path::new("/dev/shm");
-    if !shm.is_dir() {
-        eprintln!("no /dev/shm: fallback not exercised");
+    let Some(shm) = tmpfs_dir() else {
         return;
-    }
-    let mut cfg = SimDeviceConfig::new(4 * MIB);
-    cfg.dir = Some(shm.to_path_buf());
-    cfg.queue_size = 32;
-    cfg.fill_seed = Some(14);
-    let dev = SimDevice::new(cfg).unwrap();
+    };
+    let dev = device_with(4 * MIB, |cfg| {
+        cfg.dir = Some(shm);
+        cfg.queue_size = 32;
+        cfg.fill_seed = Some(14);
+    });
     let reqs: Vec<BlkRequest> = (0..32u64)
         .map(|r| {
             let segs: Vec<DwzSeg> = (0..16).map(|s| seg((r * 16 + s) * 16, 8, 0)).collect();
@@ -869,11 +829,11 @@ fn full_queue_at_the_largest_size() {
     require_io_uring!();
     // 32768 requests in flight at once, one descriptor each (indirect): more than the
     // worker's submission queue holds, so it must submit in the middle of a drain.
-    let mut cfg = SimDeviceConfig::new(16 * MIB);
-    cfg.queue_size = 32768;
-    cfg.event_idx = true;
-    cfg.fill_seed = Some(15);
-    let mut dev = SimDevice::new(cfg).unwrap();
+    let mut dev = device_with(16 * MIB, |cfg| {
+        cfg.queue_size = 32768;
+        cfg.event_idx = true;
+        cfg.fill_seed = Some(15);
+    });
     let content = dev.backing_read(0, 16 * MIB as usize).unwrap();
     let q = &mut dev.queues[0];
     for i in 0..32768u64 {
@@ -885,8 +845,7 @@ fn full_queue_at_the_largest_size() {
         q.add(c).unwrap();
     }
     assert_eq!(q.free_descs(), 0);
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     let done = q.wait_used(32768, TIMEOUT).unwrap();
     assert_eq!(done.len(), 32768);
     for c in &done {

@@ -18,7 +18,10 @@ use vduse_blkd::sim::blk::{
 use vduse_blkd::sim::device::FREE_IOVA;
 use vduse_blkd::sim::memory::{PROT_NONE, PROT_RO, PROT_RW};
 use vduse_blkd::sim::queue::{Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-use vduse_blkd::sim::{Chain, Completion, Indirect, Posted, SimDevice, SimDeviceConfig};
+use vduse_blkd::sim::{
+    Chain, Completion, Indirect, Posted, QueueLayout, SimDevice, SimDeviceConfig, SimQueue,
+};
+use Part::{Header, Raw, Readable, Writable};
 
 const MIB: u64 = 1 << 20;
 const CAP: u64 = MIB;
@@ -33,10 +36,10 @@ enum Outcome {
 }
 
 fn dev() -> SimDevice {
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.fill_seed = Some(0xbad);
-    cfg.queue_size = 256;
-    SimDevice::new(cfg).expect("device")
+    device_with(CAP, |cfg| {
+        cfg.fill_seed = Some(0xbad);
+        cfg.queue_size = 256;
+    })
 }
 
 /// Submit `chain` on queue 0 and check the used entry's head and the exact outcome.
@@ -58,10 +61,73 @@ fn expect(dev: &mut SimDevice, chain: Chain, want: Outcome) -> Completion {
     c
 }
 
+/// A used entry of length 1 with status `S_OK`.
+const OK: Outcome = Outcome::Status(S_OK);
+/// A used entry of length 1 with status `S_IOERR`.
+const IOERR: Outcome = Outcome::Status(S_IOERR);
+/// A used entry of length 1 with status `S_UNSUPP`.
+const UNSUPP: Outcome = Outcome::Status(S_UNSUPP);
+
 /// `expect` on a request built from content.
 fn expect_req(dev: &mut SimDevice, r: BlkRequest, want: Outcome) -> Completion {
     let c = chain(dev, &r);
     expect(dev, c, want)
+}
+
+/// Submit `c` and assert that it succeeded with `len` bytes of data (used length `len + 1`).
+fn expect_ok_read(d: &mut SimDevice, c: Chain, len: u32) -> Completion {
+    d.queues[0].submit(c).unwrap();
+    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
+    assert_eq!((c.status, c.len), (Some(S_OK), len + 1));
+    c
+}
+
+/// `expect_ok_read` on a chain built from `parts`.
+fn expect_ok_read_parts(d: &mut SimDevice, parts: &[Part], len: u32) -> Completion {
+    let c = chain_of(d, parts);
+    expect_ok_read(d, c, len)
+}
+
+/// `expect_ok_read` on a request built from content, for all of its device-writable data.
+fn expect_req_ok(d: &mut SimDevice, r: BlkRequest) -> Completion {
+    let c = chain(d, &r);
+    expect_ok_read(d, c, r.in_len)
+}
+
+/// `expect_req` on each request in turn, every one with the same outcome.
+fn expect_each(dev: &mut SimDevice, reqs: impl IntoIterator<Item = BlkRequest>, want: Outcome) {
+    for r in reqs {
+        expect_req(dev, r, want);
+    }
+}
+
+/// On a fresh device, run `refused` (requests the worker must refuse); then the first `len`
+/// bytes of the backing file must be as they were, and the worker must still serve.
+fn refused_without_writing(len: usize, refused: impl FnOnce(&mut SimDevice)) {
+    let mut d = dev();
+    let before = d.backing_read(0, len).unwrap();
+    refused(&mut d);
+    assert!(
+        d.backing_read(0, len).unwrap() == before,
+        "the backing file changed"
+    );
+    assert_serves(&mut d, 0, 8);
+    finish(d);
+}
+
+/// Map `len` bytes of driver memory at `FREE_IOVA` with `prot`, filled with `POISON`.
+fn map_poisoned(dev: &SimDevice, len: u64, prot: i32) {
+    dev.mem.add_region(FREE_IOVA, len, prot).unwrap();
+    dev.mem.fill(FREE_IOVA, len as usize, POISON).unwrap();
+}
+
+/// The driver's memory at `[addr, addr + len)` still holds only `POISON`: nothing wrote there.
+fn assert_poisoned(dev: &SimDevice, addr: u64, len: usize) {
+    let bytes = dev.mem.read_vec(addr, len).unwrap();
+    assert!(
+        bytes.iter().all(|&x| x == POISON),
+        "{len} bytes at {addr:#x}"
+    );
 }
 
 /// The worker ends on its own with `Broken` naming `why`, and publishes nothing more.
@@ -72,6 +138,12 @@ fn expect_broken(dev: &mut SimDevice, why: &str) {
         late.is_empty(),
         "used entries after the ring broke: {late:?}"
     );
+}
+
+/// Submit `chain`, then expect the worker to break for `why` (see `expect_broken`).
+fn submit_expecting_broken(dev: &mut SimDevice, chain: Chain, why: &str) {
+    dev.queues[0].submit(chain).unwrap();
+    expect_broken(dev, why);
 }
 
 /// Post a raw head (tracked with no buffers to free), publish, kick.
@@ -85,12 +157,92 @@ fn post_head(dev: &mut SimDevice, head: u16, descs: Vec<u16>) {
         }),
     )
     .unwrap();
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
 }
 
-fn builder(dev: &SimDevice) -> ChainBuilder<'_> {
-    ChainBuilder::new(&dev.mem)
+/// Write `n` fresh table slots by hand, each naming a 16-byte `t` header with NEXT set and
+/// linking to `next(slots, i)`, and post the first as a head.
+fn post_linked_headers(dev: &mut SimDevice, t: u32, n: usize, next: impl Fn(&[u16], usize) -> u16) {
+    let h = dev.mem.alloc_bytes(&header(t, 0)).unwrap();
+    let q = &mut dev.queues[0];
+    let slots = q.alloc_descs(n).unwrap();
+    for (i, &slot) in slots.iter().enumerate() {
+        q.write_desc(slot, h, 16, DESC_F_NEXT, next(&slots, i))
+            .unwrap();
+    }
+    post_head(dev, slots[0], slots);
+}
+
+/// On a device that has served a request, store the avail index `to(current)` raw and kick:
+/// the worker must break on the avail ring.
+fn expect_avail_idx_to_break(to: impl FnOnce(u16) -> u16) {
+    let mut d = dev();
+    assert_serves(&mut d, 0, 8);
+    let q = &mut d.queues[0];
+    let idx = q.avail_idx();
+    q.set_avail_idx_raw(to(idx)).unwrap();
+    q.kick().unwrap();
+    expect_broken(&mut d, "avail ring");
+}
+
+/// One descriptor of a hand-built chain.
+#[derive(Debug, Clone, Copy)]
+enum Part<'a> {
+    /// A device-readable heap buffer holding the header of a request of this type and sector.
+    Header(u32, u64),
+    /// A device-readable heap buffer holding these bytes.
+    Readable(&'a [u8]),
+    /// A device-writable heap buffer of this many bytes, filled with `POISON`.
+    Writable(u32),
+    /// This descriptor as given: no buffer is allocated for it.
+    Raw(Desc),
+}
+
+/// The usual status byte: a one-byte device-writable heap buffer.
+const STATUS: Part<'static> = Writable(1);
+
+/// A direct chain of `parts`, in order, with its buffers allocated from the heap.
+fn chain_of(dev: &SimDevice, parts: &[Part]) -> Chain {
+    let mut b = ChainBuilder::new(&dev.mem);
+    for part in parts {
+        b = match *part {
+            Header(t, sector) => b.readable(&header(t, sector)),
+            Readable(bytes) => b.readable(bytes),
+            Writable(len) => b.writable(len),
+            Raw(desc) => Ok(b.desc(desc)),
+        }
+        .expect("heap allocation");
+    }
+    b.build()
+}
+
+/// A request of type `t` at `sector` whose data buffer is `data` as given, between a heap
+/// header and a heap status byte.
+fn raw_data_request(t: u32, sector: u64, data: Desc) -> [Part<'static>; 3] {
+    [Header(t, sector), Raw(data), STATUS]
+}
+
+/// `chain` posted through an indirect table allocated from the heap.
+fn via_indirect_table(chain: Chain) -> Chain {
+    Chain {
+        indirect: Indirect::Table,
+        ..chain
+    }
+}
+
+/// A chain that is one indirect descriptor naming `len` bytes at `addr`, with nothing
+/// written there.
+fn raw_indirect(addr: u64, len: u32) -> Chain {
+    Chain {
+        indirect: Indirect::Raw { addr, len },
+        ..Chain::default()
+    }
+}
+
+/// `expect` on a chain built from `parts`.
+fn expect_parts(dev: &mut SimDevice, parts: &[Part], want: Outcome) -> Completion {
+    let c = chain_of(dev, parts);
+    expect(dev, c, want)
 }
 
 fn finish(dev: SimDevice) {
@@ -106,16 +258,9 @@ fn finish(dev: SimDevice) {
 fn header_too_short_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    let c = builder(&d)
-        .readable(&header(T_IN, 0)[..15])
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    expect_parts(&mut d, &[Readable(&header(T_IN, 0)[..15]), STATUS], IOERR);
     // No readable descriptor at all.
-    let c = builder(&d).writable(1).unwrap().build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    expect_parts(&mut d, &[STATUS], IOERR);
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -126,23 +271,14 @@ fn header_split_oddly_across_descriptors_is_served() {
     let mut d = dev();
     // 7-byte pieces: the header spans three descriptors, the last shared with data.
     let data = pattern(1, 1024);
-    let c = expect_req(
-        &mut d,
-        BlkRequest::write(16, &data).out_chunk(7),
-        Outcome::Status(S_OK),
-    );
+    let c = expect_req(&mut d, BlkRequest::write(16, &data).out_chunk(7), OK);
     assert_eq!(c.len, 1);
     assert_eq!(d.backing_read(16 * 512, 1024).unwrap(), data);
     // One byte per descriptor, then the data.
-    let mut b = builder(&d);
-    for byte in header(T_IN, 16) {
-        b = b.readable(&[byte]).unwrap();
-    }
-    let c = b.writable(1024).unwrap().writable(1).unwrap().build();
-    d.queues[0].submit(c).unwrap();
-    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
-    assert_eq!((c.status, c.len), (Some(S_OK), 1025));
-    assert_eq!(c.data, data);
+    let hdr = header(T_IN, 16);
+    let mut parts: Vec<Part> = hdr.chunks(1).map(Readable).collect();
+    parts.extend([Writable(1024), STATUS]);
+    assert_eq!(expect_ok_read_parts(&mut d, &parts, 1024).data, data);
     finish(d);
 }
 
@@ -150,11 +286,9 @@ fn header_split_oddly_across_descriptors_is_served() {
 fn header_in_a_device_writable_descriptor_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    let mut b = builder(&d).writable(16).unwrap();
-    let hdr_addr = b.chain_mut().descs[0].addr;
-    d.mem.write(hdr_addr, &header(T_IN, 0)).unwrap();
-    let c = b.writable(512).unwrap().writable(1).unwrap().build();
-    let c = expect(&mut d, c, Outcome::Status(S_IOERR));
+    let c = chain_of(&d, &[Writable(16), Writable(512), STATUS]);
+    d.mem.write(c.descs[0].addr, &header(T_IN, 0)).unwrap();
+    let c = expect(&mut d, c, IOERR);
     assert!(
         c.data[16..].iter().all(|&x| x == POISON),
         "no data was read"
@@ -167,12 +301,11 @@ fn header_in_a_device_writable_descriptor_is_ioerr() {
 fn header_at_an_unmapped_iova_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    let c = builder(&d)
-        .desc(Desc::readable(FREE_IOVA + 0x10_0000, 16))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    expect_parts(
+        &mut d,
+        &[Raw(Desc::readable(FREE_IOVA + 0x10_0000, 16)), STATUS],
+        IOERR,
+    );
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -186,15 +319,8 @@ fn status_descriptor_read_only_gets_no_status() {
     require_io_uring!();
     let mut d = dev();
     // IN whose last descriptor (the would-be status) is device-readable.
-    let mut b = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .writable(512)
-        .unwrap()
-        .readable(&[POISON])
-        .unwrap();
-    let status_addr = b.chain_mut().descs[2].addr;
-    let c = b.build();
+    let c = chain_of(&d, &[Header(T_IN, 0), Writable(512), Readable(&[POISON])]);
+    let status_addr = c.descs[2].addr;
     let c = expect(&mut d, c, Outcome::NoStatus);
     assert_eq!(
         d.mem.read_vec(status_addr, 1).unwrap(),
@@ -203,13 +329,11 @@ fn status_descriptor_read_only_gets_no_status() {
     );
     assert!(c.data.iter().all(|&x| x == POISON), "no data was read");
     // FLUSH whose only status candidate is readable.
-    let c = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .readable(&[POISON])
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::NoStatus);
+    expect_parts(
+        &mut d,
+        &[Header(T_FLUSH, 0), Readable(&[POISON])],
+        Outcome::NoStatus,
+    );
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -218,16 +342,9 @@ fn status_descriptor_read_only_gets_no_status() {
 fn readable_descriptor_after_the_status_gets_no_status() {
     require_io_uring!();
     let mut d = dev();
-    let mut b = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .readable(&[0x77])
-        .unwrap();
-    let writable = b.chain_mut().descs[1].addr;
-    let tail = b.chain_mut().descs[2].addr;
-    let c = b.build();
+    let c = chain_of(&d, &[Header(T_FLUSH, 0), Writable(1), Readable(&[0x77])]);
+    let writable = c.descs[1].addr;
+    let tail = c.descs[2].addr;
     expect(&mut d, c, Outcome::NoStatus);
     assert_eq!(d.mem.read_vec(tail, 1).unwrap(), [0x77]);
     assert_eq!(d.mem.read_vec(writable, 1).unwrap(), [POISON]);
@@ -239,39 +356,23 @@ fn readable_descriptor_after_the_status_gets_no_status() {
 fn status_descriptor_zero_length_gets_used_len_zero() {
     require_io_uring!();
     let mut d = dev();
-    let c = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .desc(Desc::writable(0, 0))
-        .build();
-    expect(&mut d, c, Outcome::NoStatus);
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .writable(512)
-        .unwrap()
-        .desc(Desc::writable(0, 0))
-        .build();
-    expect(&mut d, c, Outcome::NoStatus);
+    let empty = Raw(Desc::writable(0, 0));
+    expect_parts(&mut d, &[Header(T_FLUSH, 0), empty], Outcome::NoStatus);
+    let read = [Header(T_IN, 0), Writable(512), empty];
+    expect_parts(&mut d, &read, Outcome::NoStatus);
     // A write with nowhere to report its outcome must not reach the backing file.
     let before = d.backing_read(4096, 512).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_OUT, 8))
-        .unwrap()
-        .readable(&[0xa5; 512])
-        .unwrap()
-        .desc(Desc::writable(0, 0))
-        .build();
-    expect(&mut d, c, Outcome::NoStatus);
+    let write = [Header(T_OUT, 8), Readable(&[0xa5; 512]), empty];
+    expect_parts(&mut d, &write, Outcome::NoStatus);
     assert_eq!(
         d.backing_read(4096, 512).unwrap(),
         before,
         "unanswerable write was executed"
     );
     assert_serves(&mut d, 0, 16);
-    let exits = shutdown_clean(d);
-    assert_eq!(exits[0].stats.unanswerable, 3);
-    assert_eq!(exits[0].stats.writes, 1, "only assert_serves's write ran");
+    let stats = shutdown_stats(d);
+    assert_eq!(stats.unanswerable, 3);
+    assert_eq!(stats.writes, 1, "only assert_serves's write ran");
 }
 
 #[test]
@@ -280,12 +381,8 @@ fn status_byte_in_read_only_memory_gets_used_len_zero() {
     let mut d = dev();
     d.mem.add_region(FREE_IOVA, 4096, PROT_RO).unwrap();
     d.mem.write(FREE_IOVA, &[POISON]).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .desc(Desc::writable(FREE_IOVA, 1))
-        .build();
-    let c = expect(&mut d, c, Outcome::NoStatus);
+    let flush = [Header(T_FLUSH, 0), Raw(Desc::writable(FREE_IOVA, 1))];
+    let c = expect_parts(&mut d, &flush, Outcome::NoStatus);
     assert_eq!(c.status, Some(POISON), "read-only memory changed");
     assert_serves(&mut d, 0, 8);
     finish(d);
@@ -295,14 +392,9 @@ fn status_byte_in_read_only_memory_gets_used_len_zero() {
 fn status_byte_outside_every_region_gets_used_len_zero() {
     require_io_uring!();
     let mut d = dev();
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .writable(512)
-        .unwrap()
-        .desc(Desc::writable(FREE_IOVA + 0x1234, 1))
-        .build();
-    expect(&mut d, c, Outcome::NoStatus);
+    let unmapped = Desc::writable(FREE_IOVA + 0x1234, 1);
+    let read = [Header(T_IN, 0), Writable(512), Raw(unmapped)];
+    expect_parts(&mut d, &read, Outcome::NoStatus);
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -314,75 +406,36 @@ fn status_byte_outside_every_region_gets_used_len_zero() {
 #[test]
 fn in_with_device_readable_data_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, 4096).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .readable(&[1u8; 512])
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
-    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    let into_readable = [Header(T_IN, 0), Readable(&[1u8; 512]), STATUS];
+    refused_without_writing(4096, |d| {
+        expect_parts(d, &into_readable, IOERR);
+    });
 }
 
 #[test]
 fn out_with_device_writable_data_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, 4096).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_OUT, 0))
-        .unwrap()
-        .writable(512)
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .build();
-    let c = expect(&mut d, c, Outcome::Status(S_IOERR));
-    assert!(c.data.iter().all(|&x| x == POISON));
-    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(4096, |d| {
+        let c = expect_parts(d, &[Header(T_OUT, 0), Writable(512), STATUS], IOERR);
+        assert!(c.data.iter().all(|&x| x == POISON));
+    });
 }
 
 #[test]
 fn flush_or_get_id_with_wrong_data_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    let c = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .readable(&[0u8; 512])
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
-    let c = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .writable(512)
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
-    let c = builder(&d)
-        .readable(&header(T_GET_ID, 0))
-        .unwrap()
-        .readable(&[0u8; 20])
-        .unwrap()
-        .writable(20)
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let flush_carrying_data = [Header(T_FLUSH, 0), Readable(&[0u8; 512]), STATUS];
+    expect_parts(&mut d, &flush_carrying_data, IOERR);
+    let flush_asking_for_data = [Header(T_FLUSH, 0), Writable(512), STATUS];
+    expect_parts(&mut d, &flush_asking_for_data, IOERR);
+    let get_id_carrying_data = [
+        Header(T_GET_ID, 0),
+        Readable(&[0u8; 20]),
+        Writable(20),
+        STATUS,
+    ];
+    expect_parts(&mut d, &get_id_carrying_data, IOERR);
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -393,31 +446,14 @@ fn sector_past_capacity_is_ioerr() {
     let mut d = dev();
     let last = CAP / 512;
     let before = d.backing_read(CAP - 4096, 4096).unwrap();
-    expect_req(
-        &mut d,
+    let past_the_end = [
         BlkRequest::read(last, 512),
-        Outcome::Status(S_IOERR),
-    );
-    expect_req(
-        &mut d,
         BlkRequest::read(last - 1, 1024),
-        Outcome::Status(S_IOERR),
-    );
-    expect_req(
-        &mut d,
         BlkRequest::read(u64::MAX / 512, 512),
-        Outcome::Status(S_IOERR),
-    );
-    expect_req(
-        &mut d,
         BlkRequest::write(last, &[1; 512]),
-        Outcome::Status(S_IOERR),
-    );
-    expect_req(
-        &mut d,
         BlkRequest::write(last - 1, &[1; 1024]),
-        Outcome::Status(S_IOERR),
-    );
+    ];
+    expect_each(&mut d, past_the_end, IOERR);
     assert_eq!(d.backing_read(CAP - 4096, 4096).unwrap(), before);
     // Exactly up to the end is fine.
     expect_req_ok(&mut d, BlkRequest::read(last - 2, 1024));
@@ -429,30 +465,16 @@ fn sector_past_capacity_is_ioerr() {
 fn sector_times_512_plus_length_overflowing_u64_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    // sector * 512 overflows.
-    expect_req(
-        &mut d,
-        BlkRequest::read(u64::MAX / 256, 512),
-        Outcome::Status(S_IOERR),
-    );
-    expect_req(
-        &mut d,
-        BlkRequest::write(1 << 55, &[1; 512]),
-        Outcome::Status(S_IOERR),
-    );
-    // sector * 512 fits, + length overflows.
     let s = u64::MAX / 512;
-    expect_req(&mut d, BlkRequest::read(s, 4096), Outcome::Status(S_IOERR));
-    let segs = [DwzSeg {
-        sector: s,
-        num_sectors: 8,
-        flags: 0,
-    }];
-    expect_req(
-        &mut d,
-        BlkRequest::write_zeroes(&segs),
-        Outcome::Status(S_IOERR),
-    );
+    let overflowing = [
+        // sector * 512 overflows.
+        BlkRequest::read(u64::MAX / 256, 512),
+        BlkRequest::write(1 << 55, &[1; 512]),
+        // sector * 512 fits, + length overflows.
+        BlkRequest::read(s, 4096),
+        BlkRequest::write_zeroes(&[seg(s, 8, 0)]),
+    ];
+    expect_each(&mut d, overflowing, IOERR);
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -460,40 +482,30 @@ fn sector_times_512_plus_length_overflowing_u64_is_ioerr() {
 #[test]
 fn length_not_a_multiple_of_512_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, 4096).unwrap();
-    let c = expect_req(&mut d, BlkRequest::read(0, 100), Outcome::Status(S_IOERR));
-    assert!(c.data.iter().all(|&x| x == POISON));
-    expect_req(&mut d, BlkRequest::read(0, 513), Outcome::Status(S_IOERR));
-    expect_req(
-        &mut d,
-        BlkRequest::write(0, &[3; 513]),
-        Outcome::Status(S_IOERR),
-    );
-    expect_req(
-        &mut d,
-        BlkRequest::write(0, &[3; 1]),
-        Outcome::Status(S_IOERR),
-    );
-    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(4096, |d| {
+        let c = expect_req(d, BlkRequest::read(0, 100), IOERR);
+        assert!(c.data.iter().all(|&x| x == POISON));
+        let ragged = [
+            BlkRequest::read(0, 513),
+            BlkRequest::write(0, &[3; 513]),
+            BlkRequest::write(0, &[3; 1]),
+        ];
+        expect_each(d, ragged, IOERR);
+    });
 }
 
 #[test]
 fn unknown_request_type_is_unsupp() {
     require_io_uring!();
     let mut d = dev();
-    for t in [2u32, 3, 5, 9, 12, 99, u32::MAX] {
-        expect_req(&mut d, BlkRequest::new(t, 0), Outcome::Status(S_UNSUPP));
-    }
+    let unknown = [2u32, 3, 5, 9, 12, 99, u32::MAX].map(|t| BlkRequest::new(t, 0));
+    expect_each(&mut d, unknown, UNSUPP);
     // With data attached, still UNSUPP.
     let mut r = BlkRequest::new(99, 0);
     r.in_len = 512;
-    expect_req(&mut d, r, Outcome::Status(S_UNSUPP));
+    expect_req(&mut d, r, UNSUPP);
     assert_serves(&mut d, 0, 8);
-    let exits = shutdown_clean(d);
-    assert_eq!(exits[0].stats.errors, 8);
+    assert_eq!(shutdown_stats(d).errors, 8);
 }
 
 #[test]
@@ -501,33 +513,26 @@ fn zero_length_descriptors_are_skipped() {
     require_io_uring!();
     let mut d = dev();
     let data = pattern(2, 1024);
-    let mut b = builder(&d)
-        .desc(Desc::readable(0, 0))
-        .readable(&header(T_OUT, 4))
-        .unwrap()
-        .desc(Desc::readable(0, 0))
-        .readable(&data[..512])
-        .unwrap()
-        .desc(Desc::readable(FREE_IOVA, 0))
-        .readable(&data[512..])
-        .unwrap();
-    b = b.desc(Desc::writable(0, 0)).writable(1).unwrap();
-    let c = b.build();
-    expect(&mut d, c, Outcome::Status(S_OK));
+    let write = [
+        Raw(Desc::readable(0, 0)),
+        Header(T_OUT, 4),
+        Raw(Desc::readable(0, 0)),
+        Readable(&data[..512]),
+        Raw(Desc::readable(FREE_IOVA, 0)),
+        Readable(&data[512..]),
+        Raw(Desc::writable(0, 0)),
+        STATUS,
+    ];
+    expect_parts(&mut d, &write, OK);
     assert_eq!(d.backing_read(4 * 512, 1024).unwrap(), data);
-    let c = builder(&d)
-        .readable(&header(T_IN, 4))
-        .unwrap()
-        .desc(Desc::writable(0, 0))
-        .writable(1024)
-        .unwrap()
-        .desc(Desc::writable(FREE_IOVA, 0))
-        .writable(1)
-        .unwrap()
-        .build();
-    d.queues[0].submit(c).unwrap();
-    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
-    assert_eq!((c.status, c.len), (Some(S_OK), 1025));
+    let read = [
+        Header(T_IN, 4),
+        Raw(Desc::writable(0, 0)),
+        Writable(1024),
+        Raw(Desc::writable(FREE_IOVA, 0)),
+        STATUS,
+    ];
+    let c = expect_ok_read_parts(&mut d, &read, 1024);
     assert_eq!(c.data, data);
     finish(d);
 }
@@ -536,53 +541,26 @@ fn zero_length_descriptors_are_skipped() {
 fn four_gib_descriptors_are_refused_without_touching_anything() {
     require_io_uring!();
     // 8 GiB sparse device, so capacity is not what refuses a 4 GiB transfer.
-    let mut cfg = SimDeviceConfig::new(8 << 30);
-    cfg.queue_size = 16;
-    let mut d = SimDevice::new(cfg).unwrap();
-    d.mem.add_region(FREE_IOVA, 64 << 10, PROT_RW).unwrap();
-    d.mem.fill(FREE_IOVA, 64 << 10, POISON).unwrap();
+    let mut d = device_with(8 << 30, |cfg| cfg.queue_size = 16);
+    map_poisoned(&d, 64 << 10, PROT_RW);
     // IN into len = u32::MAX: not a multiple of 512.
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .desc(Desc::writable(FREE_IOVA, u32::MAX))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let huge = Desc::writable(FREE_IOVA, u32::MAX);
+    expect_parts(&mut d, &raw_data_request(T_IN, 0, huge), IOERR);
     // IN and OUT of 4 GiB - 512 whose buffer is mapped for its first 64 KiB only.
     let big = u32::MAX - 511;
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .desc(Desc::writable(FREE_IOVA, big))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
-    assert!(d
-        .mem
-        .read_vec(FREE_IOVA, 64 << 10)
-        .unwrap()
-        .iter()
-        .all(|&x| x == POISON));
-    let c = builder(&d)
-        .readable(&header(T_OUT, 0))
-        .unwrap()
-        .desc(Desc::readable(FREE_IOVA, big))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let into_big = Desc::writable(FREE_IOVA, big);
+    expect_parts(&mut d, &raw_data_request(T_IN, 0, into_big), IOERR);
+    assert_poisoned(&d, FREE_IOVA, 64 << 10);
+    let from_big = Desc::readable(FREE_IOVA, big);
+    expect_parts(&mut d, &raw_data_request(T_OUT, 0, from_big), IOERR);
     assert!(d.is_hole(0, 8 << 30).unwrap(), "nothing was written");
     // A FLUSH whose header descriptor is 4 GiB long: data where none is allowed.
-    let c = builder(&d)
-        .desc(Desc::readable(FREE_IOVA, u32::MAX))
-        .writable(1)
-        .unwrap()
-        .build();
     d.mem.write(FREE_IOVA, &header(T_FLUSH, 0)).unwrap();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    expect_parts(
+        &mut d,
+        &[Raw(Desc::readable(FREE_IOVA, u32::MAX)), STATUS],
+        IOERR,
+    );
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -590,24 +568,22 @@ fn four_gib_descriptors_are_refused_without_touching_anything() {
 #[test]
 fn too_many_data_segments_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, 1025 * 512).unwrap();
     // 1025 segments is one more than a readv takes (IOV_MAX).
-    let r = BlkRequest::read(0, 1025 * 512).in_chunk(512).indirect(true);
-    let c = expect_req(&mut d, r, Outcome::Status(S_IOERR));
-    assert!(c.data.iter().all(|&x| x == POISON));
-    let data = pattern(3, 1025 * 512);
-    let r = BlkRequest::write(0, &data).out_chunk(512).indirect(true);
-    expect_req(&mut d, r, Outcome::Status(S_IOERR));
-    assert!(d.backing_read(0, 1025 * 512).unwrap() == before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(1025 * 512, |d| {
+        let r = BlkRequest::read(0, 1025 * 512).in_chunk(512).indirect(true);
+        let c = expect_req(d, r, IOERR);
+        assert!(c.data.iter().all(|&x| x == POISON));
+        let data = pattern(3, 1025 * 512);
+        let r = BlkRequest::write(0, &data).out_chunk(512).indirect(true);
+        expect_req(d, r, IOERR);
+    });
 }
 
 // ---------------------------------------------------------------------------------------
 // DISCARD, WRITE_ZEROES, GET_ID
 // ---------------------------------------------------------------------------------------
 
+/// A DISCARD or WRITE_ZEROES request (`t`) carrying `payload` as its segment list.
 fn dwz(t: u32, payload: &[u8]) -> BlkRequest {
     let mut r = BlkRequest::new(t, 0);
     r.out = payload.to_vec();
@@ -617,28 +593,22 @@ fn dwz(t: u32, payload: &[u8]) -> BlkRequest {
 #[test]
 fn dwz_bad_segment_count_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, CAP as usize).unwrap();
     let one = DwzSeg::payload(&[seg(0, 8, 0)]);
+    let mut partial = one.clone();
+    partial.extend_from_slice(&one[..8]);
     let seventeen = DwzSeg::payload(&vec![seg(0, 8, 0); 17]);
+    let mut reqs = Vec::new();
     for t in [T_DISCARD, T_WRITE_ZEROES] {
-        expect_req(&mut d, dwz(t, &[]), Outcome::Status(S_IOERR));
-        expect_req(&mut d, dwz(t, &one[..8]), Outcome::Status(S_IOERR));
-        let mut partial = one.clone();
-        partial.extend_from_slice(&one[..8]);
-        expect_req(&mut d, dwz(t, &partial), Outcome::Status(S_IOERR));
-        expect_req(&mut d, dwz(t, &seventeen), Outcome::Status(S_IOERR));
+        for payload in [&[][..], &one[..8], &partial, &seventeen] {
+            reqs.push(dwz(t, payload));
+        }
     }
-    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(CAP as usize, |d| expect_each(d, reqs, IOERR));
 }
 
 #[test]
 fn dwz_bad_flags_are_unsupp() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, CAP as usize).unwrap();
     // UNMAP is a WRITE_ZEROES flag only; any reserved bit is refused for both.
     let cases = [
         (T_DISCARD, WZ_FLAG_UNMAP),
@@ -646,22 +616,16 @@ fn dwz_bad_flags_are_unsupp() {
         (T_WRITE_ZEROES, 2),
         (T_WRITE_ZEROES, WZ_FLAG_UNMAP | 0x8000_0000),
     ];
-    for (t, flags) in cases {
-        // The bad flags sit in the second of two segments: nothing at all may be done.
-        let payload = DwzSeg::payload(&[seg(0, 8, 0), seg(64, 8, flags)]);
-        expect_req(&mut d, dwz(t, &payload), Outcome::Status(S_UNSUPP));
-    }
-    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    // The bad flags sit in the second of two segments: nothing at all may be done.
+    let reqs = cases.map(|(t, flags)| dwz(t, &DwzSeg::payload(&[seg(0, 8, 0), seg(64, 8, flags)])));
+    refused_without_writing(CAP as usize, |d| expect_each(d, reqs, UNSUPP));
 }
 
 #[test]
 fn dwz_range_past_capacity_or_empty_is_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    let before = d.backing_read(0, CAP as usize).unwrap();
     let last = CAP / 512;
+    let mut reqs = Vec::new();
     for t in [T_DISCARD, T_WRITE_ZEROES] {
         for bad in [
             seg(last, 1, 0),
@@ -669,13 +633,10 @@ fn dwz_range_past_capacity_or_empty_is_ioerr() {
             seg(0, 0, 0),
             seg(0, u32::MAX, 0),
         ] {
-            let payload = DwzSeg::payload(&[seg(0, 8, 0), bad]);
-            expect_req(&mut d, dwz(t, &payload), Outcome::Status(S_IOERR));
+            reqs.push(dwz(t, &DwzSeg::payload(&[seg(0, 8, 0), bad])));
         }
     }
-    assert!(d.backing_read(0, CAP as usize).unwrap() == before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(CAP as usize, |d| expect_each(d, reqs, IOERR));
 }
 
 #[test]
@@ -684,14 +645,10 @@ fn get_id_with_a_short_buffer_is_ioerr() {
     let mut d = dev();
     let mut r = BlkRequest::get_id();
     r.in_len = 19;
-    let c = expect_req(&mut d, r, Outcome::Status(S_IOERR));
+    let c = expect_req(&mut d, r, IOERR);
     assert!(c.data.iter().all(|&x| x == POISON), "nothing written");
     // No buffer at all.
-    expect_req(
-        &mut d,
-        BlkRequest::new(T_GET_ID, 0),
-        Outcome::Status(S_IOERR),
-    );
+    expect_req(&mut d, BlkRequest::new(T_GET_ID, 0), IOERR);
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -702,14 +659,8 @@ fn get_id_into_read_only_memory_is_ioerr() {
     let mut d = dev();
     d.mem.add_region(FREE_IOVA, 4096, PROT_RO).unwrap();
     d.mem.fill(FREE_IOVA, 20, POISON).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_GET_ID, 0))
-        .unwrap()
-        .desc(Desc::writable(FREE_IOVA, 20))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let read_only = Desc::writable(FREE_IOVA, 20);
+    expect_parts(&mut d, &raw_data_request(T_GET_ID, 0, read_only), IOERR);
     assert_eq!(d.mem.read_vec(FREE_IOVA, 20).unwrap(), vec![POISON; 20]);
     assert_serves(&mut d, 0, 8);
     finish(d);
@@ -718,33 +669,19 @@ fn get_id_into_read_only_memory_is_ioerr() {
 #[test]
 fn writes_to_a_read_only_device_are_ioerr() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.read_only = true;
-    cfg.fill_seed = Some(77);
-    let mut d = SimDevice::new(cfg).unwrap();
+    let mut d = device_with(CAP, |cfg| {
+        cfg.read_only = true;
+        cfg.fill_seed = Some(77);
+    });
     let before = d.backing_read(0, CAP as usize).unwrap();
     let blocks = d.allocated_blocks().unwrap();
-    expect_req(
-        &mut d,
+    let writes = [
         BlkRequest::write(0, &[1; 4096]),
-        Outcome::Status(S_IOERR),
-    );
-    expect_req(
-        &mut d,
         BlkRequest::discard(&[seg(0, 128, 0)]),
-        Outcome::Status(S_IOERR),
-    );
-    expect_req(
-        &mut d,
         BlkRequest::write_zeroes(&[seg(0, 128, 0)]),
-        Outcome::Status(S_IOERR),
-    );
-    let unmap = [seg(0, 128, WZ_FLAG_UNMAP)];
-    expect_req(
-        &mut d,
-        BlkRequest::write_zeroes(&unmap),
-        Outcome::Status(S_IOERR),
-    );
+        BlkRequest::write_zeroes(&[seg(0, 128, WZ_FLAG_UNMAP)]),
+    ];
+    expect_each(&mut d, writes, IOERR);
     assert!(
         d.backing_read(0, CAP as usize).unwrap() == before,
         "backing file changed"
@@ -753,11 +690,9 @@ fn writes_to_a_read_only_device_are_ioerr() {
     // Reads, FLUSH and GET_ID still work.
     let c = expect_req_ok(&mut d, BlkRequest::read(0, 4096));
     assert!(c.data == before[..4096]);
-    expect_req(&mut d, BlkRequest::flush(), Outcome::Status(S_OK));
-    let c = run_req(&mut d, 0, BlkRequest::get_id());
-    assert_eq!((c.status, c.len), (Some(S_OK), 21));
-    let exits = shutdown_clean(d);
-    assert_eq!(exits[0].stats.errors, 4);
+    expect_req(&mut d, BlkRequest::flush(), OK);
+    run_req_ok(&mut d, 0, BlkRequest::get_id(), 21);
+    assert_eq!(shutdown_stats(d).errors, 4);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -770,42 +705,24 @@ fn data_outside_every_mapped_region_is_ioerr() {
     let mut d = dev();
     let before = d.backing_read(0, 4096).unwrap();
     let hole = FREE_IOVA + 0x4000_0000;
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .desc(Desc::writable(hole, 4096))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
-    let c = builder(&d)
-        .readable(&header(T_OUT, 0))
-        .unwrap()
-        .desc(Desc::readable(hole, 4096))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    expect_parts(
+        &mut d,
+        &raw_data_request(T_IN, 0, Desc::writable(hole, 4096)),
+        IOERR,
+    );
+    expect_parts(
+        &mut d,
+        &raw_data_request(T_OUT, 0, Desc::readable(hole, 4096)),
+        IOERR,
+    );
     // Partly mapped: the first half in the heap region's last page, the rest past its end.
     d.mem.add_region(FREE_IOVA, 4096, PROT_RW).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .desc(Desc::writable(FREE_IOVA + 2048, 4096))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let straddling = Desc::writable(FREE_IOVA + 2048, 4096);
+    expect_parts(&mut d, &raw_data_request(T_IN, 0, straddling), IOERR);
     assert_eq!(d.backing_read(0, 4096).unwrap(), before);
     // The address space's very end: iova + len wraps.
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .desc(Desc::writable(u64::MAX - 511, 1024))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
+    let wrapping = Desc::writable(u64::MAX - 511, 1024);
+    expect_parts(&mut d, &raw_data_request(T_IN, 0, wrapping), IOERR);
     assert_serves(&mut d, 0, 8);
     finish(d);
 }
@@ -828,68 +745,36 @@ fn a_descriptor_across_a_region_boundary_is_split_and_served() {
     d.mem.write(b - 8, &header(T_OUT, 32)).unwrap();
     let data = pattern(4, 2048);
     d.mem.write(c - 1024, &data).unwrap();
-    let ch = builder(&d)
-        .desc(Desc::readable(b - 8, 16))
-        .desc(Desc::readable(c - 1024, 2048))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, ch, Outcome::Status(S_OK));
+    let write = [
+        Raw(Desc::readable(b - 8, 16)),
+        Raw(Desc::readable(c - 1024, 2048)),
+        STATUS,
+    ];
+    expect_parts(&mut d, &write, OK);
     assert_eq!(d.backing_read(32 * 512, 2048).unwrap(), data);
     assert_eq!(d.mem.lookups() - lookups, 3, "each region mapped once");
     // Read back into a buffer that spans the boundary the other way round.
     d.mem.fill(b - 512, 2048, POISON).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_IN, 32))
-        .unwrap()
-        .desc(Desc::writable(b - 512, 2048))
-        .writable(1)
-        .unwrap()
-        .build();
-    let c = expect_ok_read(&mut d, c, 2048);
+    let read = raw_data_request(T_IN, 32, Desc::writable(b - 512, 2048));
+    let c = expect_ok_read_parts(&mut d, &read, 2048);
     assert_eq!(c.data, data);
     assert_eq!(d.mem.read_vec(b - 512, 2048).unwrap(), data);
     finish(d);
-}
-
-fn expect_ok_read(d: &mut SimDevice, c: Chain, len: u32) -> Completion {
-    d.queues[0].submit(c).unwrap();
-    let c = d.queues[0].wait_used(1, TIMEOUT).unwrap().remove(0);
-    assert_eq!((c.status, c.len), (Some(S_OK), len + 1));
-    c
 }
 
 #[test]
 fn in_buffer_in_read_only_memory_is_ioerr() {
     require_io_uring!();
     let mut d = dev();
-    d.mem.add_region(FREE_IOVA, 0x2000, PROT_RO).unwrap();
-    d.mem.fill(FREE_IOVA, 0x2000, POISON).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_IN, 0))
-        .unwrap()
-        .desc(Desc::writable(FREE_IOVA, 4096))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
-    assert!(d
-        .mem
-        .read_vec(FREE_IOVA, 0x2000)
-        .unwrap()
-        .iter()
-        .all(|&x| x == POISON));
+    map_poisoned(&d, 0x2000, PROT_RO);
+    let read_only = Desc::writable(FREE_IOVA, 4096);
+    expect_parts(&mut d, &raw_data_request(T_IN, 0, read_only), IOERR);
+    assert_poisoned(&d, FREE_IOVA, 0x2000);
     // The device may read read-only memory: OUT from it works.
     let data = pattern(5, 4096);
     d.mem.write(FREE_IOVA, &data).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_OUT, 8))
-        .unwrap()
-        .desc(Desc::readable(FREE_IOVA, 4096))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_OK));
+    let from_read_only = Desc::readable(FREE_IOVA, 4096);
+    expect_parts(&mut d, &raw_data_request(T_OUT, 8, from_read_only), OK);
     assert_eq!(d.backing_read(8 * 512, 4096).unwrap(), data);
     finish(d);
 }
@@ -897,26 +782,13 @@ fn in_buffer_in_read_only_memory_is_ioerr() {
 #[test]
 fn buffers_in_no_access_memory_are_ioerr() {
     require_io_uring!();
-    let mut d = dev();
-    d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
-    let before = d.backing_read(0, 4096).unwrap();
-    let c = builder(&d)
-        .readable(&header(T_OUT, 0))
-        .unwrap()
-        .desc(Desc::readable(FREE_IOVA, 4096))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
-    let c = builder(&d)
-        .desc(Desc::readable(FREE_IOVA, 16))
-        .writable(1)
-        .unwrap()
-        .build();
-    expect(&mut d, c, Outcome::Status(S_IOERR));
-    assert_eq!(d.backing_read(0, 4096).unwrap(), before);
-    assert_serves(&mut d, 0, 8);
-    finish(d);
+    refused_without_writing(4096, |d| {
+        d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
+        let no_access = Desc::readable(FREE_IOVA, 4096);
+        expect_parts(d, &raw_data_request(T_OUT, 0, no_access), IOERR);
+        let no_access_header = Desc::readable(FREE_IOVA, 16);
+        expect_parts(d, &[Raw(no_access_header), STATUS], IOERR);
+    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -927,25 +799,16 @@ fn buffers_in_no_access_memory_are_ioerr() {
 fn indirect_table_at_an_unmapped_iova_gets_used_len_zero() {
     require_io_uring!();
     let mut d = dev();
-    let c = builder(&d)
-        .indirect(Indirect::Raw {
-            addr: FREE_IOVA + 0x10_0000,
-            len: 48,
-        })
-        .build();
-    expect(&mut d, c, Outcome::NoStatus);
+    expect(
+        &mut d,
+        raw_indirect(FREE_IOVA + 0x10_0000, 48),
+        Outcome::NoStatus,
+    );
     // In no-access memory: the same.
     d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
-    let c = builder(&d)
-        .indirect(Indirect::Raw {
-            addr: FREE_IOVA,
-            len: 48,
-        })
-        .build();
-    expect(&mut d, c, Outcome::NoStatus);
+    expect(&mut d, raw_indirect(FREE_IOVA, 48), Outcome::NoStatus);
     assert_serves(&mut d, 0, 8);
-    let exits = shutdown_clean(d);
-    assert_eq!(exits[0].stats.unanswerable, 2);
+    assert_eq!(shutdown_stats(d).unanswerable, 2);
 }
 
 #[test]
@@ -954,11 +817,7 @@ fn indirect_table_with_a_bad_length_breaks_the_device() {
     for len in [0u32, 24, 17 * 1024 * 1024] {
         let mut d = dev();
         let table = d.mem.alloc(64, 16).unwrap();
-        let c = builder(&d)
-            .indirect(Indirect::Raw { addr: table, len })
-            .build();
-        d.queues[0].submit(c).unwrap();
-        expect_broken(&mut d, "indirect table length");
+        submit_expecting_broken(&mut d, raw_indirect(table, len), "indirect table length");
     }
 }
 
@@ -966,12 +825,7 @@ fn indirect_table_with_a_bad_length_breaks_the_device() {
 fn indirect_table_inside_an_indirect_table_breaks_the_device() {
     require_io_uring!();
     let mut d = dev();
-    let inner = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .build();
+    let inner = chain_of(&d, &[Header(T_FLUSH, 0), STATUS]);
     // The outer table's only entry is itself an indirect descriptor.
     let inner_table = d.mem.alloc(32, 16).unwrap();
     for (i, x) in inner.descs.iter().enumerate() {
@@ -983,17 +837,14 @@ fn indirect_table_inside_an_indirect_table_breaks_the_device() {
             )
             .unwrap();
     }
-    let c = builder(&d)
-        .desc(Desc {
-            addr: inner_table,
-            len: 32,
-            flags: DESC_F_INDIRECT,
-            next: Some(0),
-        })
-        .indirect(Indirect::Table)
-        .build();
-    d.queues[0].submit(c).unwrap();
-    expect_broken(&mut d, "indirect table inside an indirect table");
+    let outer = Desc {
+        addr: inner_table,
+        len: 32,
+        flags: DESC_F_INDIRECT,
+        next: Some(0),
+    };
+    let c = via_indirect_table(chain_of(&d, &[Raw(outer)]));
+    submit_expecting_broken(&mut d, c, "indirect table inside an indirect table");
 }
 
 #[test]
@@ -1001,42 +852,27 @@ fn indirect_descriptor_loop_breaks_the_device() {
     require_io_uring!();
     let mut d = dev();
     let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
-    let c = builder(&d)
-        .desc(Desc {
+    let to = |next| {
+        Raw(Desc {
             addr: h,
             len: 16,
             flags: DESC_F_NEXT,
-            next: Some(1),
+            next: Some(next),
         })
-        .desc(Desc {
-            addr: h,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: Some(0),
-        })
-        .indirect(Indirect::Table)
-        .build();
-    d.queues[0].submit(c).unwrap();
-    expect_broken(&mut d, "loop");
+    };
+    let c = via_indirect_table(chain_of(&d, &[to(1), to(0)]));
+    submit_expecting_broken(&mut d, c, "loop");
 }
 
 #[test]
 fn indirect_next_index_out_of_range_breaks_the_device() {
     require_io_uring!();
     let mut d = dev();
-    let c = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .indirect(Indirect::Table)
-        .build();
-    let mut c = c;
+    let mut c = via_indirect_table(chain_of(&d, &[Header(T_FLUSH, 0), STATUS]));
     // Two entries; the first names entry 2.
     c.descs[0].next = Some(2);
     c.descs[0].flags |= DESC_F_NEXT;
-    d.queues[0].submit(c).unwrap();
-    expect_broken(&mut d, "next index 2");
+    submit_expecting_broken(&mut d, c, "next index 2");
 }
 
 #[test]
@@ -1044,21 +880,14 @@ fn indirect_chain_longer_than_the_queue_is_served() {
     require_io_uring!();
     // The spec forbids chains longer than the queue, but an indirect table is bounded by its
     // own length; the worker accepts it (as QEMU does), up to IOV_MAX data segments.
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.queue_size = 8;
-    let mut d = SimDevice::new(cfg).unwrap();
+    let mut d = device(8, false);
     let data = pattern(6, 32 * 512);
     let r = BlkRequest::write(0, &data).out_chunk(512).indirect(true);
-    expect_req(&mut d, r, Outcome::Status(S_OK));
+    expect_req(&mut d, r, OK);
     let r = BlkRequest::read(0, 32 * 512).in_chunk(512).indirect(true);
     let c = expect_req_ok(&mut d, r);
     assert_eq!(c.data, data);
     finish(d);
-}
-
-fn expect_req_ok(d: &mut SimDevice, r: BlkRequest) -> Completion {
-    let c = chain(d, &r);
-    expect_ok_read(d, c, r.in_len)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1069,15 +898,7 @@ fn expect_req_ok(d: &mut SimDevice, r: BlkRequest) -> Completion {
 fn direct_descriptor_loop_breaks_the_device() {
     require_io_uring!();
     let mut d = dev();
-    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
-    let ids = d.queues[0].alloc_descs(2).unwrap();
-    d.queues[0]
-        .write_desc(ids[0], h, 16, DESC_F_NEXT, ids[1])
-        .unwrap();
-    d.queues[0]
-        .write_desc(ids[1], h, 16, DESC_F_NEXT, ids[0])
-        .unwrap();
-    post_head(&mut d, ids[0], ids.clone());
+    post_linked_headers(&mut d, T_FLUSH, 2, |slots, i| slots[1 - i]);
     expect_broken(&mut d, "loop");
 }
 
@@ -1085,12 +906,7 @@ fn direct_descriptor_loop_breaks_the_device() {
 fn descriptor_pointing_at_itself_breaks_the_device() {
     require_io_uring!();
     let mut d = dev();
-    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
-    let ids = d.queues[0].alloc_descs(1).unwrap();
-    d.queues[0]
-        .write_desc(ids[0], h, 16, DESC_F_NEXT, ids[0])
-        .unwrap();
-    post_head(&mut d, ids[0], ids.clone());
+    post_linked_headers(&mut d, T_FLUSH, 1, |slots, _| slots[0]);
     expect_broken(&mut d, "loop");
 }
 
@@ -1098,31 +914,19 @@ fn descriptor_pointing_at_itself_breaks_the_device() {
 fn chain_longer_than_the_queue_breaks_the_device() {
     require_io_uring!();
     // Every descriptor of an 8-entry table in one chain, and then back to the start.
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.queue_size = 8;
-    let mut d = SimDevice::new(cfg).unwrap();
-    let h = d.mem.alloc_bytes(&header(T_OUT, 0)).unwrap();
-    let ids = d.queues[0].alloc_descs(8).unwrap();
-    for i in 0..8 {
-        let next = ids[(i + 1) % 8];
-        d.queues[0]
-            .write_desc(ids[i], h, 16, DESC_F_NEXT, next)
-            .unwrap();
-    }
-    post_head(&mut d, ids[0], ids.clone());
+    let mut d = device(8, false);
+    post_linked_headers(&mut d, T_OUT, 8, |slots, i| slots[(i + 1) % 8]);
     expect_broken(&mut d, "loop");
 }
 
 #[test]
 fn chain_exactly_as_long_as_the_queue_is_served() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.queue_size = 8;
-    let mut d = SimDevice::new(cfg).unwrap();
+    let mut d = device(8, false);
     let data = pattern(7, 3072);
     let r = BlkRequest::write(2, &data).out_chunk(512);
     assert_eq!(r.desc_count(), 8);
-    expect_req(&mut d, r, Outcome::Status(S_OK));
+    expect_req(&mut d, r, OK);
     assert_eq!(d.queues[0].free_descs(), 8);
     assert_eq!(d.backing_read(1024, 3072).unwrap(), data);
     finish(d);
@@ -1132,12 +936,7 @@ fn chain_exactly_as_long_as_the_queue_is_served() {
 fn next_index_out_of_range_breaks_the_device() {
     require_io_uring!();
     let mut d = dev();
-    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
-    let ids = d.queues[0].alloc_descs(1).unwrap();
-    d.queues[0]
-        .write_desc(ids[0], h, 16, DESC_F_NEXT, 256)
-        .unwrap();
-    post_head(&mut d, ids[0], ids.clone());
+    post_linked_headers(&mut d, T_FLUSH, 1, |_, _| 256);
     expect_broken(&mut d, "next index 256");
 }
 
@@ -1147,21 +946,14 @@ fn head_index_out_of_range_breaks_the_device() {
     let mut d = dev();
     let q = &mut d.queues[0];
     q.add_head(256, None).unwrap();
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     expect_broken(&mut d, "head index 256");
 }
 
 #[test]
 fn avail_idx_jumping_by_more_than_the_queue_size_breaks_the_device() {
     require_io_uring!();
-    let mut d = dev();
-    assert_serves(&mut d, 0, 8);
-    let q = &mut d.queues[0];
-    let idx = q.avail_idx();
-    q.set_avail_idx_raw(idx.wrapping_add(257)).unwrap();
-    q.kick().unwrap();
-    expect_broken(&mut d, "avail ring");
+    expect_avail_idx_to_break(|idx| idx.wrapping_add(257));
 }
 
 #[test]
@@ -1169,15 +961,12 @@ fn avail_idx_jumping_by_exactly_the_queue_size_is_served() {
     require_io_uring!();
     // A full ring of the same valid head is legal only if it is not in flight; here the
     // chains are all distinct FLUSH requests, the largest jump a driver may make.
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.queue_size = 4;
-    let mut d = SimDevice::new(cfg).unwrap();
+    let mut d = device(4, false);
     for _ in 0..4 {
         let c = chain(&d, &BlkRequest::flush().indirect(true));
         d.queues[0].add(c).unwrap();
     }
-    d.queues[0].publish().unwrap();
-    d.queues[0].kick().unwrap();
+    publish_and_kick(&mut d.queues[0]);
     let done = d.queues[0].wait_used(4, TIMEOUT).unwrap();
     assert!(done.iter().all(|c| c.status == Some(S_OK) && c.len == 1));
     assert_serves(&mut d, 0, 8);
@@ -1193,8 +982,7 @@ fn same_head_posted_twice_while_in_flight_breaks_the_device() {
     let head = q.add(c).unwrap();
     // The read is submitted to io_uring within the same drain that finds the second copy.
     q.add_head(head, None).unwrap();
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     expect_broken(&mut d, &format!("head {head} posted again while in flight"));
 }
 
@@ -1207,15 +995,13 @@ fn same_head_posted_again_after_completion_is_served() {
     first.allocs.clear(); // the buffers are freed once, with the second completion
     let q = &mut d.queues[0];
     let head = q.add(first).unwrap();
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     let done = q.wait_used(1, TIMEOUT).unwrap();
     assert_eq!(done[0].status, Some(S_OK));
     // The driver reposts the same descriptors (it got them back).
     let again = q.add(c).unwrap();
     assert_eq!(again, head);
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     let done = q.wait_used(1, TIMEOUT).unwrap();
     assert_eq!(
         (done[0].head, done[0].status),
@@ -1225,29 +1011,37 @@ fn same_head_posted_again_after_completion_is_served() {
     finish(d);
 }
 
+/// A device with one 16-entry queue whose worker is not started yet.
+fn unstarted() -> SimDevice {
+    let mut cfg = SimDeviceConfig::new(CAP);
+    cfg.queue_size = 16;
+    SimDevice::create(cfg).unwrap()
+}
+
+/// Give a created (not yet started) device a queue 0 of `size` entries at `layout`, start
+/// its worker, and expect it to stop with `Broken` naming `why`.
+fn start_expecting_broken(mut d: SimDevice, size: u16, layout: QueueLayout, why: &str) {
+    d.queues[0] = SimQueue::new(d.mem.clone(), 0, size, layout, false)
+        .expect("driver can write its own rings");
+    d.start(0, 0, 0).unwrap();
+    assert_broken(&mut d, 0, why);
+}
+
 #[test]
 fn rings_in_unusable_memory_break_the_device_at_start() {
     require_io_uring!();
     // Used ring in read-only memory: the device cannot publish anything.
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.queue_size = 16;
-    let mut d = SimDevice::create(cfg.clone()).unwrap();
+    let d = unstarted();
     d.mem.add_region(FREE_IOVA, 0x1000, PROT_RO).unwrap();
     let mut layout = d.queues[0].layout();
     layout.used = FREE_IOVA;
-    d.queues[0] = vduse_blkd::sim::SimQueue::new(d.mem.clone(), 0, 16, layout, false)
-        .expect("driver can write its own rings");
-    d.start(0, 0, 0).unwrap();
-    assert_broken(&mut d, 0, "ring area not mapped");
+    start_expecting_broken(d, 16, layout, "ring area not mapped");
     // Avail ring in memory the device may not access at all.
-    let mut d = SimDevice::create(cfg).unwrap();
+    let d = unstarted();
     d.mem.add_region(FREE_IOVA, 0x1000, PROT_NONE).unwrap();
     let mut layout = d.queues[0].layout();
     layout.avail = FREE_IOVA;
-    d.queues[0] = vduse_blkd::sim::SimQueue::new(d.mem.clone(), 0, 16, layout, false)
-        .expect("driver can write its own rings");
-    d.start(0, 0, 0).unwrap();
-    assert_broken(&mut d, 0, "ring area not mapped");
+    start_expecting_broken(d, 16, layout, "ring area not mapped");
 }
 
 #[test]
@@ -1255,13 +1049,7 @@ fn device_writable_flag_on_an_indirect_descriptor_is_ignored_safely() {
     require_io_uring!();
     // INDIRECT | WRITE is forbidden for drivers; the table is still only read.
     let mut d = dev();
-    let c = builder(&d)
-        .readable(&header(T_FLUSH, 0))
-        .unwrap()
-        .writable(1)
-        .unwrap()
-        .indirect(Indirect::Table)
-        .build();
+    let c = via_indirect_table(chain_of(&d, &[Header(T_FLUSH, 0), STATUS]));
     let q = &mut d.queues[0];
     let head = q.add(c).unwrap();
     let table = q
@@ -1271,8 +1059,7 @@ fn device_writable_flag_on_an_indirect_descriptor_is_ignored_safely() {
     let addr = u64::from_le_bytes(table[0..8].try_into().unwrap());
     q.write_desc(head, addr, 32, DESC_F_INDIRECT | DESC_F_WRITE, 0)
         .unwrap();
-    q.publish().unwrap();
-    q.kick().unwrap();
+    publish_and_kick(q);
     let done = q.wait_used(1, TIMEOUT).unwrap();
     assert_eq!((done[0].status, done[0].len), (Some(S_OK), 1));
     assert_serves(&mut d, 0, 8);
@@ -1282,13 +1069,7 @@ fn device_writable_flag_on_an_indirect_descriptor_is_ignored_safely() {
 #[test]
 fn avail_idx_moving_backwards_breaks_the_device() {
     require_io_uring!();
-    let mut d = dev();
-    assert_serves(&mut d, 0, 8);
-    let q = &mut d.queues[0];
-    let idx = q.avail_idx();
-    q.set_avail_idx_raw(idx.wrapping_sub(1)).unwrap();
-    q.kick().unwrap();
-    expect_broken(&mut d, "avail ring");
+    expect_avail_idx_to_break(|idx| idx.wrapping_sub(1));
 }
 
 #[test]
@@ -1301,12 +1082,7 @@ fn broken_ring_waits_for_io_in_flight() {
         let c = chain(&d, &BlkRequest::read(i * 8, 4096));
         d.queues[0].add(c).unwrap();
     }
-    let h = d.mem.alloc_bytes(&header(T_FLUSH, 0)).unwrap();
-    let ids = d.queues[0].alloc_descs(1).unwrap();
-    d.queues[0]
-        .write_desc(ids[0], h, 16, DESC_F_NEXT, ids[0])
-        .unwrap();
-    post_head(&mut d, ids[0], ids.clone());
+    post_linked_headers(&mut d, T_FLUSH, 1, |slots, _| slots[0]);
     match d.wait_exit(0, TIMEOUT).expect("worker ends") {
         Err(vduse_blkd::worker::WorkerError::Broken { reason, stats, .. }) => {
             assert!(reason.to_string().contains("loop"), "{reason}");
@@ -1328,14 +1104,8 @@ fn in_buffer_overlapping_the_descriptor_table_is_served() {
     // walked before the read lands, so the request completes normally.
     let mut d = dev();
     let table = d.queues[0].layout().desc;
-    let c = builder(&d)
-        .readable(&header(T_IN, 64))
-        .unwrap()
-        .desc(Desc::writable(table, 512))
-        .writable(1)
-        .unwrap()
-        .build();
-    let c = expect_ok_read(&mut d, c, 512);
+    let read = raw_data_request(T_IN, 64, Desc::writable(table, 512));
+    let c = expect_ok_read_parts(&mut d, &read, 512);
     let file = d.backing_read(64 * 512, 512).unwrap();
     assert_eq!(c.data, file);
     assert_eq!(d.mem.read_vec(table, 512).unwrap(), file);
@@ -1356,23 +1126,17 @@ fn same_head_reposted_with_a_changed_chain_while_in_flight_breaks_the_device() {
     serial[0..8].copy_from_slice(&unmapped.to_le_bytes());
     serial[8..12].copy_from_slice(&48u32.to_le_bytes());
     serial[12..14].copy_from_slice(&DESC_F_INDIRECT.to_le_bytes());
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.serial = serial;
-    let mut d = SimDevice::new(cfg).unwrap();
+    let mut d = device_with(CAP, |cfg| cfg.serial = serial);
     let read = chain(&d, &BlkRequest::read(0, 4096).indirect(true));
     let b = d.queues[0].add(read).unwrap();
     let entry = d.queues[0].layout().desc + 16 * u64::from(b);
-    let get_id = builder(&d)
-        .readable(&header(T_GET_ID, 0))
-        .unwrap()
-        .desc(Desc::writable(entry, 20))
-        .writable(1)
-        .unwrap()
-        .build();
+    let get_id = chain_of(
+        &d,
+        &raw_data_request(T_GET_ID, 0, Desc::writable(entry, 20)),
+    );
     d.queues[0].add(get_id).unwrap();
     d.queues[0].add_head(b, None).unwrap();
-    d.queues[0].publish().unwrap();
-    d.queues[0].kick().unwrap();
+    publish_and_kick(&mut d.queues[0]);
     assert_broken(&mut d, 0, &format!("head {b} posted again while in flight"));
     // The GET_ID (completed before the duplicate was seen) is the only used entry.
     let used = d.queues[0].reap().unwrap();
@@ -1383,25 +1147,19 @@ fn same_head_reposted_with_a_changed_chain_while_in_flight_breaks_the_device() {
 #[test]
 fn bad_queue_size_or_misaligned_rings_are_refused_at_start() {
     require_io_uring!();
-    let mut cfg = SimDeviceConfig::new(CAP);
-    cfg.queue_size = 16;
     // A size that is not a power of two.
-    let mut d = SimDevice::create(cfg.clone()).unwrap();
+    let d = unstarted();
     let layout = d.queues[0].layout();
-    d.queues[0] = vduse_blkd::sim::SimQueue::new(d.mem.clone(), 0, 12, layout, false).unwrap();
-    d.start(0, 0, 0).unwrap();
-    assert_broken(&mut d, 0, "bad queue size");
+    start_expecting_broken(d, 12, layout, "bad queue size");
     // Each ring area misaligned in turn.
     for (which, why) in [(0, "descriptor table"), (1, "avail ring"), (2, "used ring")] {
-        let mut d = SimDevice::create(cfg.clone()).unwrap();
+        let d = unstarted();
         let mut layout = d.queues[0].layout();
         match which {
             0 => layout.desc += 8,
             1 => layout.avail += 1,
             _ => layout.used += 2,
         }
-        d.queues[0] = vduse_blkd::sim::SimQueue::new(d.mem.clone(), 0, 16, layout, false).unwrap();
-        d.start(0, 0, 0).unwrap();
-        assert_broken(&mut d, 0, why);
+        start_expecting_broken(d, 16, layout, why);
     }
 }

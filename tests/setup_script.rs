@@ -114,6 +114,27 @@ impl Fake {
             .expect("run tools/setup")
     }
 
+    /// Run `tools/setup` with `args`, assert that it succeeds, and return its stdout.
+    #[track_caller]
+    fn run_ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Run `tools/setup` and assert that it fails with exactly one line on stderr: that line.
+    #[track_caller]
+    fn fails_with_one_line(&self) -> String {
+        let o = self.run(&[]);
+        assert!(!o.status.success(), "setup must fail: {o:?}");
+        let err: Vec<String> = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(err.len(), 1, "one line on stderr: {err:?}");
+        err[0].clone()
+    }
+
     fn calls(&self) -> Vec<String> {
         fs::read_to_string(self.dir.path().join("log"))
             .expect("log")
@@ -128,6 +149,20 @@ impl Fake {
             .into_iter()
             .filter(|c| c.split(' ').any(|w| w == "install") && !c.split(' ').any(|w| w == "-s"))
             .collect()
+    }
+
+    /// No apt-get call that would change the machine was made.
+    #[track_caller]
+    fn assert_installed_nothing(&self) {
+        assert_eq!(self.real_installs(), Vec::<String>::new());
+    }
+
+    /// The one apt-get call that would change the machine (there must be exactly one).
+    #[track_caller]
+    fn only_real_install(&self) -> String {
+        let installs = self.real_installs();
+        assert_eq!(installs.len(), 1, "{:?}", self.calls());
+        installs[0].clone()
     }
 }
 
@@ -147,13 +182,6 @@ fn debian_host() -> bool {
     has_dpkg && codename
 }
 
-fn stderr_lines(o: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&o.stderr)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 #[test]
 fn stops_and_changes_nothing_when_every_plan_would_remove() {
     if !debian_host() {
@@ -164,16 +192,10 @@ fn stops_and_changes_nothing_when_every_plan_would_remove() {
         PLAN_REMOVES_QEMU_UTILS,
         PLAN_REMOVES_QEMU_UTILS,
     );
-    let o = f.run(&[]);
-    assert!(!o.status.success(), "setup must fail: {o:?}");
-    let err = stderr_lines(&o);
-    assert_eq!(err.len(), 1, "one line on stderr: {err:?}");
-    assert!(
-        err[0].contains("qemu-utils (removed)") && err[0].contains("nothing was changed"),
-        "{}",
-        err[0]
-    );
-    assert_eq!(f.real_installs(), Vec::<String>::new());
+    let err = f.fails_with_one_line();
+    assert!(err.contains("qemu-utils (removed)"), "{err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    f.assert_installed_nothing();
 }
 
 #[test]
@@ -182,21 +204,14 @@ fn takes_backports_when_that_keeps_the_backports_package() {
         return;
     }
     let f = Fake::new(&["qemu-system-x86"], PLAN_REMOVES_QEMU_UTILS, PLAN_CLEAN);
-    let o = f.run(&[]);
-    assert!(o.status.success(), "{o:?}");
-    let installs = f.real_installs();
-    assert_eq!(installs.len(), 1, "{:?}", f.calls());
-    let words: Vec<&str> = installs[0].split(' ').collect();
-    assert!(words.contains(&"--no-remove"), "{}", installs[0]);
+    let stdout = f.run_ok(&[]);
+    let install = f.only_real_install();
+    let words: Vec<&str> = install.split(' ').collect();
+    assert!(words.contains(&"--no-remove"), "{install}");
     let t = words.iter().position(|w| *w == "-t").expect("-t SUITE");
-    assert!(words[t + 1].ends_with("-backports"), "{}", installs[0]);
+    assert!(words[t + 1].ends_with("-backports"), "{install}");
     // The private index, not the machine's: its sources live in the cache.
-    assert!(
-        installs[0].contains("Dir::Etc::SourceParts="),
-        "{}",
-        installs[0]
-    );
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(install.contains("Dir::Etc::SourceParts="), "{install}");
     assert!(stdout.contains("-backports"), "{stdout}");
 }
 
@@ -206,16 +221,9 @@ fn never_downgrades_a_package_that_is_not_from_backports() {
         return;
     }
     let f = Fake::new(&["qemu-system-x86"], PLAN_DOWNGRADES_LOCAL, PLAN_CLEAN);
-    let o = f.run(&[]);
-    assert!(!o.status.success(), "{o:?}");
-    let err = stderr_lines(&o);
-    assert_eq!(err.len(), 1, "{err:?}");
-    assert!(
-        err[0].contains("libfoo1 2.0-1local1 -> 1.9-3"),
-        "{}",
-        err[0]
-    );
-    assert_eq!(f.real_installs(), Vec::<String>::new());
+    let err = f.fails_with_one_line();
+    assert!(err.contains("libfoo1 2.0-1local1 -> 1.9-3"), "{err}");
+    f.assert_installed_nothing();
     assert!(
         !f.calls().iter().any(|c| c.contains("-t ")),
         "no backports plan for a local package: {:?}",
@@ -229,13 +237,11 @@ fn installs_a_harmless_plan_from_the_machines_sources() {
         return;
     }
     let f = Fake::new(&["fio", "cpio"], PLAN_CLEAN, PLAN_CLEAN);
-    let o = f.run(&[]);
-    assert!(o.status.success(), "{o:?}");
-    let installs = f.real_installs();
-    assert_eq!(installs.len(), 1, "{:?}", f.calls());
-    assert!(installs[0].contains("--no-remove"), "{}", installs[0]);
-    assert!(installs[0].ends_with("cpio fio"), "{}", installs[0]);
-    assert!(!installs[0].contains("-t "), "{}", installs[0]);
+    f.run_ok(&[]);
+    let install = f.only_real_install();
+    assert!(install.contains("--no-remove"), "{install}");
+    assert!(install.ends_with("cpio fio"), "{install}");
+    assert!(!install.contains("-t "), "{install}");
 }
 
 #[test]
@@ -244,14 +250,12 @@ fn check_reports_the_plan_and_installs_nothing() {
         return;
     }
     let f = Fake::new(&["qemu-system-x86"], PLAN_REMOVES_QEMU_UTILS, PLAN_CLEAN);
-    let o = f.run(&["--check"]);
-    assert!(o.status.success(), "{o:?}");
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stdout = f.run_ok(&["--check"]);
     assert!(
         stdout.contains("would install qemu-system-x86") && stdout.contains("-backports"),
         "{stdout}"
     );
-    assert_eq!(f.real_installs(), Vec::<String>::new());
+    f.assert_installed_nothing();
 }
 
 #[test]
@@ -260,7 +264,6 @@ fn asks_apt_nothing_when_everything_is_installed() {
         return;
     }
     let f = Fake::new(&[], PLAN_CLEAN, PLAN_CLEAN);
-    let o = f.run(&[]);
-    assert!(o.status.success(), "{o:?}");
+    f.run_ok(&[]);
     assert_eq!(f.calls(), Vec::<String>::new());
 }

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use vduse_blkd::metrics::QueueStats;
 use vduse_blkd::sim::blk::{BlkRequest, DwzSeg, S_OK};
-use vduse_blkd::sim::{Chain, Completion, SimDevice, SimDeviceConfig, SimRng};
+use vduse_blkd::sim::{Chain, Completion, SimDevice, SimDeviceConfig, SimQueue, SimRng};
 use vduse_blkd::worker::{WorkerError, WorkerExit};
 
 /// Return from the calling test, with a message, where this kernel blocks io_uring.
@@ -29,12 +30,19 @@ pub fn seg(sector: u64, num_sectors: u32, flags: u32) -> DwzSeg {
     }
 }
 
+/// A started device of `capacity` bytes, configured as `SimDeviceConfig::new` and then `adjust`.
+pub fn device_with(capacity: u64, adjust: impl FnOnce(&mut SimDeviceConfig)) -> SimDevice {
+    let mut cfg = SimDeviceConfig::new(capacity);
+    adjust(&mut cfg);
+    SimDevice::new(cfg).expect("simulated device")
+}
+
 /// A 1 MiB device with one queue of `queue_size`.
 pub fn device(queue_size: u16, event_idx: bool) -> SimDevice {
-    let mut cfg = SimDeviceConfig::new(1 << 20);
-    cfg.queue_size = queue_size;
-    cfg.event_idx = event_idx;
-    SimDevice::new(cfg).expect("simulated device")
+    device_with(1 << 20, |cfg| {
+        cfg.queue_size = queue_size;
+        cfg.event_idx = event_idx;
+    })
 }
 
 /// Submit one chain on queue `q` and wait for its single completion.
@@ -53,6 +61,20 @@ pub fn chain(dev: &SimDevice, r: &BlkRequest) -> Chain {
 pub fn run_req(dev: &mut SimDevice, q: usize, r: BlkRequest) -> Completion {
     let c = chain(dev, &r);
     run(dev, q, c)
+}
+
+/// Publish every head added to `q` and kick its worker.
+pub fn publish_and_kick(q: &mut SimQueue) {
+    q.publish().expect("publish");
+    q.kick().expect("kick");
+}
+
+/// Submit a request, wait for it, and assert that it succeeded with used length `len`.
+#[track_caller]
+pub fn run_req_ok(dev: &mut SimDevice, q: usize, r: BlkRequest, len: u32) -> Completion {
+    let c = run_req(dev, q, r);
+    assert_eq!((c.status, c.len), (Some(S_OK), len), "used entry");
+    c
 }
 
 /// Deterministic pattern for `len` bytes from `seed`.
@@ -80,6 +102,13 @@ pub fn shutdown_clean(dev: SimDevice) -> Vec<WorkerExit> {
         .into_iter()
         .map(|r| r.unwrap_or_else(|e| panic!("worker did not stop cleanly: {e:?}")))
         .collect()
+}
+
+/// Stop the worker of a one-queue device (it must end cleanly) and return its counters.
+pub fn shutdown_stats(dev: SimDevice) -> QueueStats {
+    let mut exits = shutdown_clean(dev);
+    assert_eq!(exits.len(), 1, "a one-queue device");
+    exits.remove(0).stats
 }
 
 /// Wait for the worker of queue `q` to stop on its own with `WorkerError::Broken` whose
