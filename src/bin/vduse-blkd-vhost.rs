@@ -35,7 +35,7 @@ use clap::{Parser, Subcommand};
 use crossbeam_channel::RecvTimeoutError;
 use vduse_blkd::sim::blk::{BlkRequest, S_IOERR, S_OK};
 use vduse_blkd::sim::vhost::{VhostConfig, VhostDriver};
-use vduse_blkd::sim::{Chain, SimQueue};
+use vduse_blkd::sim::{Chain, Completion, SimQueue};
 use vduse_blkd::uapi::virtio as vf;
 
 /// Bytes of one request's slot on the disk (and of each request).
@@ -334,16 +334,22 @@ fn toggle(cfg: &VhostConfig, seed: u64, cycles: u32, during: u32) -> Result<Stri
     ))
 }
 
-fn suspend(cfg: &VhostConfig, seed: u64, requests: u16) -> Result<String> {
-    let mut d = open(cfg)?;
+/// Open the device for `requests` writes in flight on every queue at once.
+fn open_for_writes(cfg: &VhostConfig, requests: u16) -> Result<(VhostDriver, u64)> {
+    let d = open(cfg)?;
     ensure!(
         requests <= cfg.queue_size / 2,
         "at most {} requests per queue",
         cfg.queue_size / 2
     );
-    let nq = d.queues.len() as u64;
     let per = u64::from(requests);
-    check_capacity(&d, nq * per)?;
+    check_capacity(&d, d.queues.len() as u64 * per)?;
+    Ok((d, per))
+}
+
+/// Post `per` writes on every queue (slots `queue * per ..`) and kick, without waiting;
+/// returns how many were still outstanding right after the last kick.
+fn post_writes(d: &mut VhostDriver, seed: u64, per: u64) -> Result<u64> {
     for (qi, q) in d.queues.iter_mut().enumerate() {
         for i in 0..per {
             let slot = qi as u64 * per + i;
@@ -362,6 +368,27 @@ fn suspend(cfg: &VhostConfig, seed: u64, requests: u16) -> Result<String> {
     for q in &d.queues {
         outstanding += u64::from(q.avail_idx().wrapping_sub(q.used_idx()?));
     }
+    Ok(outstanding)
+}
+
+/// `done` holds exactly `n` completions, each with status OK.
+fn all_ok(done: &[Completion], n: u64) -> Result<()> {
+    ensure!(done.len() as u64 == n, "{} of {n} completions", done.len());
+    for c in done {
+        ensure!(
+            c.status == Some(S_OK),
+            "slot {}: status {:?}",
+            c.tag,
+            c.status
+        );
+    }
+    Ok(())
+}
+
+fn suspend(cfg: &VhostConfig, seed: u64, requests: u16) -> Result<String> {
+    let (mut d, per) = open_for_writes(cfg, requests)?;
+    let nq = d.queues.len() as u64;
+    let outstanding = post_writes(&mut d, seed, per)?;
     d.suspend()?;
     // No waiting: a device that replied to SUSPEND has completed and published everything.
     let mut queues = std::mem::take(&mut d.queues);
@@ -372,20 +399,7 @@ fn suspend(cfg: &VhostConfig, seed: u64, requests: u16) -> Result<String> {
             "queue {qi}: {} of {per} requests not completed when SUSPEND returned",
             q.avail_idx().wrapping_sub(used)
         );
-        let done = q.reap()?;
-        ensure!(
-            done.len() as u64 == per,
-            "queue {qi}: {} completions",
-            done.len()
-        );
-        for c in done {
-            ensure!(
-                c.status == Some(S_OK),
-                "queue {qi} slot {}: status {:?}",
-                c.tag,
-                c.status
-            );
-        }
+        all_ok(&q.reap()?, per).with_context(|| format!("queue {qi}"))?;
         let base = d.vring_base(qi as u16)?;
         ensure!(
             base == u32::from(q.avail_idx()),
@@ -433,15 +447,8 @@ fn run_one(q: &mut SimQueue, chain: Chain) -> Result<(Option<u8>, Vec<u8>)> {
 }
 
 fn iotlb(cfg: &VhostConfig, seed: u64, requests: u16) -> Result<String> {
-    let mut d = open(cfg)?;
-    ensure!(
-        requests <= cfg.queue_size / 2,
-        "at most {} requests per queue",
-        cfg.queue_size / 2
-    );
+    let (mut d, per) = open_for_writes(cfg, requests)?;
     let nq = d.queues.len() as u64;
-    let per = u64::from(requests);
-    check_capacity(&d, nq * per)?;
     ensure!(
         per * u64::from(SLOT) <= SPARE_LEN,
         "at most {} requests per queue",
@@ -474,39 +481,11 @@ fn iotlb(cfg: &VhostConfig, seed: u64, requests: u16) -> Result<String> {
         );
     }
     // 2. Writes in flight on every queue (data in the heap), and the invalidation meanwhile.
-    for (qi, q) in d.queues.iter_mut().enumerate() {
-        for i in 0..per {
-            let slot = qi as u64 * per + i;
-            let chain = BlkRequest::write(slot * SLOT_SECTORS, &slot_data(seed, slot))
-                .out_chunk(4096)
-                .indirect(i % 8 != 0)
-                .tag(slot)
-                .chain(q.mem())?;
-            q.add(chain)?;
-        }
-        q.publish()?;
-        q.kick()?;
-    }
-    let mut outstanding = 0u64;
-    for q in &d.queues {
-        outstanding += u64::from(q.avail_idx().wrapping_sub(q.used_idx()?));
-    }
+    let outstanding = post_writes(&mut d, seed, per)?;
     d.unmap_region(SPARE_IOVA, SPARE_LEN)?;
     for (qi, q) in d.queues.iter_mut().enumerate() {
-        let done = q.wait_used(per as usize, DEADLINE)?;
-        ensure!(
-            done.len() as u64 == per,
-            "queue {qi}: {} of {per} writes completed across the invalidation",
-            done.len()
-        );
-        for c in done {
-            ensure!(
-                c.status == Some(S_OK),
-                "queue {qi} slot {}: status {:?} after the invalidation",
-                c.tag,
-                c.status
-            );
-        }
+        all_ok(&q.wait_used(per as usize, DEADLINE)?, per)
+            .with_context(|| format!("queue {qi}, across the invalidation"))?;
     }
     // 3. The invalidated range is gone for the device: a read into it must fail, not land in
     //    a stale mapping.

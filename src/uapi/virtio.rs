@@ -71,12 +71,17 @@ mod tests {
 
     #[test]
     fn feature_bits_and_ids() {
-        assert_eq!(VIRTIO_F_INDIRECT_DESC, 28);
-        assert_eq!(VIRTIO_F_EVENT_IDX, 29);
-        assert_eq!(VIRTIO_F_VERSION_1, 32);
-        assert_eq!(VIRTIO_F_ACCESS_PLATFORM, 33);
-        assert_eq!(VIRTIO_F_RING_PACKED, 34);
-        assert_eq!(VIRTIO_F_IN_ORDER, 35);
+        assert_eq!(
+            [
+                VIRTIO_F_INDIRECT_DESC,
+                VIRTIO_F_EVENT_IDX,
+                VIRTIO_F_VERSION_1,
+                VIRTIO_F_ACCESS_PLATFORM,
+                VIRTIO_F_RING_PACKED,
+                VIRTIO_F_IN_ORDER
+            ],
+            [28, 29, 32, 33, 34, 35]
+        );
         assert_eq!(VIRTIO_ID_BLOCK, 2);
         assert_eq!(feature_mask(VIRTIO_F_ACCESS_PLATFORM), 0x2_0000_0000);
     }

@@ -407,6 +407,21 @@ stop_vhost() {
     assert_no_leftovers "$1"
 }
 
+# vhost_scenario NAME SUBCOMMAND [ARGS...]: serve NAME for vhost_vdpa, run one
+# vduse-blkd-vhost scenario against it (it verifies its own data), and check that the
+# daemon is still serving afterwards.
+vhost_scenario() {
+    name=$1
+    shift
+    serve_vhost "$name"
+    bounded 300 "/tmp/$name.c.out" "/tmp/$name.c.err" vduse-blkd-vhost "$VH" "$@"
+    [ "$RC" = 0 ] || { show_tail "/tmp/$name.err"; fail "vhost $1: $(head -c 400 "/tmp/$name.c.err")"; }
+    note "$(cat "/tmp/$name.c.out")"
+    proc_gone "$VH_PID" && fail "the daemon exited during vhost $1"
+    stop_vhost "$name"
+    rm -f "/tmp/$name.img"
+}
+
 # vhost_vdpa with data: a userspace driver writes through both queues, reads back, flushes;
 # the backing file must then hold exactly what it wrote.
 case_vhost_io() {
@@ -425,38 +440,15 @@ case_vhost_io() {
 # UPDATE_IOTLB with real bytes: a second region carries verified I/O, is invalidated while
 # writes are in flight on both queues (they must complete and verify), must then be refused
 # (IOERR: no stale mapping), and a region mapped at a new IOVA carries verified reads.
-case_vhost_iotlb() {
-    serve_vhost vhit
-    bounded 300 /tmp/vhit.c.out /tmp/vhit.c.err vduse-blkd-vhost "$VH" iotlb --requests 16
-    [ "$RC" = 0 ] || { show_tail /tmp/vhit.err; fail "vhost iotlb: $(head -c 400 /tmp/vhit.c.err)"; }
-    note "$(cat /tmp/vhit.c.out)"
-    proc_gone "$VH_PID" && fail "the daemon exited during the IOTLB changes"
-    stop_vhost vhit
-    rm -f /tmp/vhit.img
-}
+case_vhost_iotlb() { vhost_scenario vhit iotlb --requests 16; }
 
 # VDUSE_F_QUEUE_READY (7.3): queue 1 disabled and re-enabled through vhost_vdpa while queue 0
 # carries verified I/O; a request posted while disabled waits for the re-enable.
-case_vhost_queue_ready() {
-    serve_vhost vhqr
-    bounded 300 /tmp/vhqr.c.out /tmp/vhqr.c.err vduse-blkd-vhost "$VH" toggle --cycles 3
-    [ "$RC" = 0 ] || { show_tail /tmp/vhqr.err; fail "vhost toggle: $(head -c 400 /tmp/vhqr.c.err)"; }
-    note "$(cat /tmp/vhqr.c.out)"
-    proc_gone "$VH_PID" && fail "the daemon exited during the toggles"
-    stop_vhost vhqr
-    rm -f /tmp/vhqr.img
-}
+case_vhost_queue_ready() { vhost_scenario vhqr toggle --cycles 3; }
 
 # VDUSE_F_SUSPEND (7.3): suspend with writes in flight on both queues; every request must be
 # complete when the ioctl returns, and the data must verify after a reset.
-case_vhost_suspend() {
-    serve_vhost vhsu
-    bounded 300 /tmp/vhsu.c.out /tmp/vhsu.c.err vduse-blkd-vhost "$VH" suspend --requests 32
-    [ "$RC" = 0 ] || { show_tail /tmp/vhsu.err; fail "vhost suspend: $(head -c 400 /tmp/vhsu.c.err)"; }
-    note "$(cat /tmp/vhsu.c.out)"
-    stop_vhost vhsu
-    rm -f /tmp/vhsu.img
-}
+case_vhost_suspend() { vhost_scenario vhsu suspend --requests 32; }
 
 # Before 7.3 there is no VDUSE suspend: vhost_vdpa must not offer it, and the driver says so.
 case_vhost_no_suspend() {
