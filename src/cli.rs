@@ -12,6 +12,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
@@ -69,6 +70,11 @@ pub struct ServeArgs {
     /// the CPUs this process may use).
     #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<CpuList>,
+    /// Busy-poll window in microseconds: after its last request a worker keeps watching its
+    /// ring (the driver's notifications off) this long before it parks; costs CPU only while
+    /// requests keep coming, one window after the last. 0: park at once.
+    #[arg(long, default_value_t = 0, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: u64,
     /// Expose the device read-only (VIRTIO_BLK_F_RO); the backing is opened read-only.
     #[arg(long)]
     pub readonly: bool,
@@ -194,6 +200,7 @@ impl ServeArgs {
             queues: self.queues,
             queue_size: self.queue_size,
             cpus: self.cpus.unwrap_or_default(),
+            poll: Duration::from_micros(self.poll_us),
             serial: self.serial,
             attach: match self.attach {
                 Attach::Virtio => AttachMode::Virtio,

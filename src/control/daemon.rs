@@ -65,6 +65,8 @@ pub struct ServeOptions {
     pub queue_size: u32,
     /// CPUs for the queue workers (empty: spread over the allowed CPUs).
     pub cpus: Vec<usize>,
+    /// How long a worker busy-polls after its last request before it parks.
+    pub poll: Duration,
     /// GET_ID answer (default: the device name).
     pub serial: Option<String>,
     /// Where to attach.
@@ -532,6 +534,7 @@ fn start_loop(
         max_queue_size: o.queue_size as u16,
         offered_features,
         cpus,
+        poll: o.poll,
     };
     let workers = VduseWorkers::new(Arc::clone(&dev), io);
     let lp =
@@ -736,6 +739,7 @@ mod tests {
             queues: 1,
             queue_size: 256,
             cpus: vec![],
+            poll: Duration::ZERO,
             serial: None,
             attach: AttachMode::Virtio,
             api_version: None,

@@ -210,6 +210,8 @@ pub struct LoopConfig {
     pub offered_features: u64,
     /// CPUs to pin queue workers to, round robin (empty: no pinning).
     pub cpus: Vec<usize>,
+    /// The workers' busy-poll window (zero: park at once).
+    pub poll: Duration,
 }
 
 /// Events the control thread reports to the daemon.
@@ -763,6 +765,7 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
         let opts = WorkerOptions {
             cpu,
             name: format!("{}-q{q}", short(&self.cfg.name)),
+            poll: self.cfg.poll,
         };
         let ended = Arc::new(AtomicBool::new(false));
         let exit = ExitToken {

@@ -6,6 +6,7 @@
 //! [`HEAP_BASE`]; requests are built with [`super::blk::BlkRequest`] against [`BackedQueue::mem`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::device::{HEAP_BASE, RING_BASE};
 use super::memory::{SimMemory, PROT_RW};
@@ -49,6 +50,7 @@ impl BackedQueue {
         let opts = WorkerOptions {
             cpu: None,
             name: "sim_backed_q0".into(),
+            poll: Duration::ZERO,
         };
         let worker = worker::spawn(setup, io, edge, kick, opts)?;
         Ok(BackedQueue {

@@ -87,6 +87,8 @@ pub struct SimDeviceConfig {
     pub dir: Option<PathBuf>,
     /// Fill the backing file with pseudo-random bytes from this seed (`None`: sparse zeros).
     pub fill_seed: Option<u64>,
+    /// The workers' busy-poll window (`serve --poll-us`; zero: no polling).
+    pub poll: Duration,
 }
 
 impl SimDeviceConfig {
@@ -104,6 +106,7 @@ impl SimDeviceConfig {
             heap_len: 64 << 20,
             dir: None,
             fill_seed: None,
+            poll: Duration::ZERO,
         }
     }
 }
@@ -227,6 +230,7 @@ impl SimDevice {
         let opts = WorkerOptions {
             cpu: None,
             name: format!("sim_q{q}"),
+            poll: self.cfg.poll,
         };
         let h = worker::spawn(setup, Arc::clone(&self.io), edge, kick, opts)?;
         self.workers[q] = Some(h);

@@ -34,13 +34,14 @@
 pub mod chain;
 mod error;
 mod exec;
+mod poll;
 mod thread;
 mod uring;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use nix::sys::eventfd::EventFd;
@@ -183,6 +184,8 @@ struct Worker<E: QueueEdge> {
     broken: Option<BrokenReason>,
     cqes: Vec<Cqe>,
     stats: QueueStats,
+    /// Busy-poll window after the last work (`serve --poll-us`); zero: never poll.
+    poll: Duration,
 }
 
 impl<E: QueueEdge> Drop for Worker<E> {
@@ -260,6 +263,7 @@ impl<E: QueueEdge> Worker<E> {
         mut edge: E,
         kick: OwnedFd,
         stop: Arc<EventFd>,
+        poll: Duration,
     ) -> Result<Self, WorkerError> {
         let index = setup.index;
         let uring = Uring::new(
@@ -303,6 +307,7 @@ impl<E: QueueEdge> Worker<E> {
             broken: None,
             cqes: Vec::with_capacity(cq),
             stats: QueueStats::default(),
+            poll,
         })
     }
 
@@ -336,6 +341,10 @@ impl<E: QueueEdge> Worker<E> {
             }
             if self.stopping && self.uring.ops_in_flight() == 0 {
                 break;
+            }
+            self.poll()?;
+            if self.stopping && self.uring.ops_in_flight() == 0 {
+                continue;
             }
             self.uring.wait().map_err(|e| self.uring_err(e))?;
             let kicked = self.reap()?;
@@ -404,30 +413,7 @@ impl<E: QueueEdge> Worker<E> {
                 self.mark_broken(BrokenReason::RingFlags(e));
                 return;
             }
-            loop {
-                if self.reserved_ops + MAX_OPS_PER_REQUEST + ARMED_READS > self.uring.cq_capacity()
-                {
-                    self.throttled = true;
-                    break;
-                }
-                // virtio-queue pops the head (avail index checks, next_avail); its chain
-                // iterator is not used: `chain::walk_chain` reports what it would hide.
-                let head = match self.queue.iter(self.space.memory()) {
-                    Ok(mut it) => match it.next() {
-                        Some(chain) => chain.head_index(),
-                        None => break,
-                    },
-                    Err(e) => {
-                        self.mark_broken(BrokenReason::AvailRing(e));
-                        return;
-                    }
-                };
-                self.start_request(head);
-                if self.broken.is_some() {
-                    return;
-                }
-            }
-            if self.throttled {
+            if !self.pop_all() {
                 return;
             }
             match self.queue.enable_notification(self.space.memory()) {
@@ -437,6 +423,33 @@ impl<E: QueueEdge> Worker<E> {
                     self.mark_broken(BrokenReason::RingFlags(e));
                     return;
                 }
+            }
+        }
+    }
+
+    /// Start every request the avail ring holds. `false` when the worker must stop looking
+    /// for now: the ring is broken, or the completion queue has no room (`throttled`).
+    fn pop_all(&mut self) -> bool {
+        loop {
+            if self.reserved_ops + MAX_OPS_PER_REQUEST + ARMED_READS > self.uring.cq_capacity() {
+                self.throttled = true;
+                return false;
+            }
+            // virtio-queue pops the head (avail index checks, next_avail); its chain
+            // iterator is not used: `chain::walk_chain` reports what it would hide.
+            let head = match self.queue.iter(self.space.memory()) {
+                Ok(mut it) => match it.next() {
+                    Some(chain) => chain.head_index(),
+                    None => return true,
+                },
+                Err(e) => {
+                    self.mark_broken(BrokenReason::AvailRing(e));
+                    return false;
+                }
+            };
+            self.start_request(head);
+            if self.broken.is_some() {
+                return false;
             }
         }
     }
@@ -648,7 +661,7 @@ mod tests {
         let stop =
             Arc::new(EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_NONBLOCK).unwrap());
         let io = Arc::clone(d.device_io());
-        let mut w = Worker::new(setup, io, edge, kick, stop).unwrap();
+        let mut w = Worker::new(setup, io, edge, kick, stop, Duration::ZERO).unwrap();
         w.uring.fail_wait_after(0);
         match w.run() {
             Err(WorkerError::Uring { source, .. }) => {

@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use log::{debug, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -69,6 +70,8 @@ pub struct WorkerOptions {
     pub cpu: Option<usize>,
     /// Thread name.
     pub name: String,
+    /// Busy-poll window after the last work (zero: park at once).
+    pub poll: Duration,
 }
 
 /// Start a worker thread for one queue. `kick` is the eventfd the driver's notifications
@@ -90,7 +93,7 @@ pub fn spawn<E: QueueEdge>(
         .spawn(move || {
             catch_unwind(AssertUnwindSafe(|| {
                 thread_setup(&opts, index);
-                let mut w = Worker::new(setup, device, edge, kick, stop2)?;
+                let mut w = Worker::new(setup, device, edge, kick, stop2, opts.poll)?;
                 w.run()
             }))
             .unwrap_or(Err(WorkerError::Panicked(index)))

@@ -224,7 +224,11 @@ fn ring_for(size: u16) -> io::Result<(IoUring, usize)> {
         let mut b = IoUring::builder();
         b.setup_cqsize(cq);
         if defer {
-            b.setup_single_issuer().setup_defer_taskrun();
+            // TASKRUN_FLAG: the kernel flags deferred completions in the SQ ring, so that a
+            // polling worker knows when an enter is needed to get them (`Uring::submit`).
+            b.setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_taskrun_flag();
         }
         b.build(sq)
     };
@@ -445,6 +449,28 @@ impl Uring {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Submit what is queued and collect deferred completions, without waiting; no system
+    /// call when there is neither (a polling worker calls this in its loop).
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        let idle = {
+            let sq = self.ring.submission();
+            sq.is_empty() && !sq.taskrun() && !sq.cq_overflow()
+        };
+        if idle {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether completions are waiting to be reaped.
+    pub(crate) fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
     }
 
     /// Move every completion into `out` (cleared first), releasing what its SQE referenced.

@@ -422,6 +422,7 @@ pub fn build_queue(
     let opts = WorkerOptions {
         cpu,
         name: format!("bench_q{q}"),
+        poll: o.worker_poll,
     };
     let handle = worker::spawn(setup, Arc::clone(io), edge, kick, opts)
         .map_err(io_err("cannot start a worker"))?;

@@ -95,6 +95,9 @@ struct Args {
     /// How the driver threads wait for completions.
     #[arg(long, value_enum, default_value_t = Wait::Irq)]
     wait: Wait,
+    /// The workers' busy-poll window in microseconds (`serve --poll-us`); 0: none.
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    poll_us: u64,
     /// Thread placement (CPU numbers are taken mod the CPUs this process may use).
     #[arg(long, value_enum, default_value_t = Pin::Auto)]
     pin: Pin,
@@ -170,6 +173,7 @@ impl Args {
                 Wait::Irq => WaitMode::Irq,
                 Wait::Poll => WaitMode::Poll,
             },
+            worker_poll: Duration::from_micros(self.poll_us),
             pinning: match (self.worker_cpus, self.driver_cpus, self.pin) {
                 (Some(w), Some(d), _) => Pinning::Lists(w, d),
                 (_, _, Pin::Auto) => Pinning::Auto,

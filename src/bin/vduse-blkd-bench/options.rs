@@ -133,6 +133,8 @@ pub struct BenchOptions {
     pub indirect: bool,
     /// How drivers wait for completions.
     pub wait: WaitMode,
+    /// The workers' busy-poll window (zero: they park at once).
+    pub worker_poll: Duration,
     /// CPU placement.
     pub pinning: Pinning,
 }
@@ -157,6 +159,7 @@ impl BenchOptions {
             seed: 1,
             indirect: true,
             wait: WaitMode::Irq,
+            worker_poll: Duration::ZERO,
             pinning: Pinning::Auto,
         }
     }

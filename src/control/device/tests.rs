@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{PipeReader, PipeWriter, Read, Write};
 use std::sync::{Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::*;
 
@@ -244,6 +244,7 @@ impl Harness {
             max_queue_size: 256,
             offered_features: features(),
             cpus,
+            poll: Duration::ZERO,
         };
         let (tx, events) = event_channel().unwrap();
         let workers = FakeWorkers {
