@@ -114,11 +114,16 @@ fv_jobs() {
         --name=qd1 $FV_REGION1 --name=qd32 $FV_REGION2
 }
 
-case_fio_verify() {
+case_fio_verify() { fio_verify_with; }
+# The same with busy-polling workers (serve --poll-us): the poll loop serves every request.
+case_fio_verify_poll() { fio_verify_with --poll-us 50; }
+
+# fio_verify_with [SERVE-FLAGS...]
+fio_verify_with() {
     need_daemon
     rm -f /tmp/fv.img
     truncate -s 512M /tmp/fv.img
-    start_daemon fv /tmp/fv.img --queues 2
+    start_daemon fv /tmp/fv.img --queues 2 "$@"
     nq=$(find "/sys/block/${DEV#/dev/}/mq" -mindepth 1 -maxdepth 1 | wc -l)
     [ "$nq" = 2 ] || fail "$DEV has $nq hardware queues, want 2 (--queues 2)"
     if ! fv_jobs "$DEV" libaio 1 --do_verify=1 >/tmp/fv.fio 2>&1; then
@@ -480,6 +485,8 @@ want readonly && run_case readonly 90 case_readonly
 want discard-zeroes && run_case discard-zeroes 120 case_discard_zeroes
 want ext4 && run_case ext4 180 case_ext4
 want fio-verify && run_case fio-verify 300 case_fio_verify
+# (a vduse-blkd flag: not for the qsd backend)
+[ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-poll && run_case fio-verify-poll 300 case_fio_verify_poll
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
 want attach-modes && run_case attach-modes 120 case_attach_modes
 want vhost-io && run_case vhost-io 300 case_vhost_io
