@@ -14,13 +14,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
-use vduse_blkd::sim::blk::{header, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, WZ_FLAG_UNMAP};
-use vduse_blkd::sim::blk::{DwzSeg, POISON, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH};
+use vduse_blkd::sim::blk::{header, DwzSeg, POISON, S_IOERR, S_OK, S_UNSUPP, WZ_FLAG_UNMAP};
 use vduse_blkd::sim::device::FREE_IOVA;
 use vduse_blkd::sim::queue::{DESC_F_INDIRECT, DESC_F_WRITE};
 use vduse_blkd::sim::SimQueue;
 use vduse_blkd::sim::{BlkRequest, Chain, Completion, Desc, Indirect, SimDevice, SimDeviceConfig};
 use vduse_blkd::worker::WorkerError;
+
+use crate::Kind;
 
 /// Any wait longer than this is a hang.
 pub const DEADLINE: Duration = Duration::from_secs(5);
@@ -43,30 +44,12 @@ impl Config {
     }
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    In,
-    Out,
-    Flush,
-    GetId,
-    Discard,
-    WriteZeroes,
-    /// A type the device does not know.
-    Unknown(u8),
-}
-
-impl Kind {
-    fn type_(self) -> u32 {
-        match self {
-            Kind::In => T_IN,
-            Kind::Out => T_OUT,
-            Kind::Flush => T_FLUSH,
-            Kind::GetId => T_GET_ID,
-            Kind::Discard => T_DISCARD,
-            Kind::WriteZeroes => T_WRITE_ZEROES,
-            // 2, 3, 5..7, 9, 10, 12, 14.. are not implemented.
-            Kind::Unknown(t) => [2, 3, 5, 7, 9, 10, 12, 14, 0xffff_ffff][usize::from(t) % 9],
-        }
+/// The type field of a request: [`Kind::Other`] picks a type the device does not implement.
+fn type_(k: Kind) -> u32 {
+    match k {
+        // 2, 3, 5..7, 9, 10, 12, 14.. are not implemented.
+        Kind::Other(t) => [2, 3, 5, 7, 9, 10, 12, 14, 0xffff_ffff][t as usize % 9],
+        k => k.value(),
     }
 }
 
@@ -156,7 +139,7 @@ fn expect(r: &Req, read_only: bool) -> (u8, u32) {
         _ => 1,
     };
     match r.kind {
-        Kind::Unknown(_) => (S_UNSUPP, 1),
+        Kind::Other(_) => (S_UNSUPP, 1),
         _ if writes && read_only => (S_IOERR, 1),
         Kind::Discard if r.unmap => (S_UNSUPP, 1),
         Kind::In | Kind::Out if !fits(u64::from(r.sector)) => (S_IOERR, 1),
@@ -207,7 +190,7 @@ fn blk_request(r: &Req) -> BlkRequest {
         Kind::GetId => BlkRequest::get_id(),
         Kind::Discard => BlkRequest::discard(&ranges(r)),
         Kind::WriteZeroes => BlkRequest::write_zeroes(&ranges(r)),
-        Kind::Unknown(_) => BlkRequest::new(r.kind.type_(), sector),
+        Kind::Other(_) => BlkRequest::new(type_(r.kind), sector),
     };
     b.out_chunk(u32::from(r.out_chunk))
         .in_chunk(u32::from(r.in_chunk))
@@ -220,7 +203,7 @@ fn raw_chain(q: &SimQueue, kind: Kind, sector: u16, indirect: bool, descs: &[Raw
     let mem = q.mem();
     let buf = mem.alloc(SCRATCH, 16).expect("scratch buffer");
     mem.fill(buf, SCRATCH as usize, POISON).expect("poison");
-    mem.write(buf, &header(kind.type_(), u64::from(sector)))
+    mem.write(buf, &header(type_(kind), u64::from(sector)))
         .expect("header");
     let descs = descs
         .iter()
