@@ -43,8 +43,8 @@ pub const REGRESSIONS: &[Regression] = &[(
     |i| {
         let b = &i.batches;
         b.len() >= 2
-            && matches!(b[0].edit, Some(Edit::AvailJump(_)))
-            && matches!(b[1].edit, Some(Edit::HeadOutOfRange(_)))
+            && matches!(b[0].edit, Edit::AvailJump(_))
+            && matches!(b[1].edit, Edit::HeadOutOfRange(_))
             && !b[1].kick_always
             && b[1]
                 .chains
