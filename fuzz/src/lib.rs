@@ -34,6 +34,17 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// One of each alternative.
+    pub const EACH: [Kind; 7] = [
+        Kind::In,
+        Kind::Out,
+        Kind::Flush,
+        Kind::GetId,
+        Kind::Discard,
+        Kind::WriteZeroes,
+        Kind::Other(3),
+    ];
+
     /// The type field as given: an implemented type's value, or [`Kind::Other`]'s.
     pub fn value(self) -> u32 {
         match self {

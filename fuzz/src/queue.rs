@@ -933,15 +933,6 @@ mod tests {
     /// device: the harness's own checks (status, used length, data, the model) must hold.
     #[test]
     fn every_placement_of_every_kind_gets_the_answer_it_expects() {
-        let kinds = [
-            Kind::In,
-            Kind::Out,
-            Kind::Flush,
-            Kind::GetId,
-            Kind::Discard,
-            Kind::WriteZeroes,
-            Kind::Other(3),
-        ];
         let status = [
             StatusAt::Heap,
             StatusAt::ReadOnly,
@@ -964,7 +955,7 @@ mod tests {
             Via::IndirectUnmapped(5),
         ];
         let mut all = Vec::new();
-        for &k in &kinds {
+        for k in Kind::EACH {
             for &s in &status {
                 for &d in &data {
                     for &v in &via {

@@ -180,15 +180,6 @@ fn moved_data(r: &Req, kinds: &[Kind], at: fn(DataAt) -> bool) -> bool {
             .any(|k| std::mem::discriminant(k) == std::mem::discriminant(&r.kind))
 }
 
-const ANY: &[Kind] = &[
-    Kind::In,
-    Kind::Out,
-    Kind::Flush,
-    Kind::GetId,
-    Kind::Discard,
-    Kind::WriteZeroes,
-    Kind::Other(0),
-];
 const DEVICE_WRITES: &[Kind] = &[Kind::In, Kind::GetId];
 const DEVICE_READS: &[Kind] = &[Kind::Out, Kind::Discard, Kind::WriteZeroes];
 
@@ -242,11 +233,11 @@ pub const QUEUE_SEEDS: &[QueueSeed] = &[
         })
     }),
     ("data-no-access", |i| {
-        has(i, |r| moved_data(r, ANY, |a| a == DataAt::NoAccess))
+        has(i, |r| moved_data(r, &Kind::EACH, |a| a == DataAt::NoAccess))
     }),
     ("data-unmapped", |i| {
         has(i, |r| {
-            moved_data(r, ANY, |a| matches!(a, DataAt::Unmapped(_)))
+            moved_data(r, &Kind::EACH, |a| matches!(a, DataAt::Unmapped(_)))
         })
     }),
     ("data-across-regions-in", |i| {
@@ -260,7 +251,9 @@ pub const QUEUE_SEEDS: &[QueueSeed] = &[
         })
     }),
     ("data-past-region-end", |i| {
-        has(i, |r| moved_data(r, ANY, |a| a == DataAt::PastRegionEnd))
+        has(i, |r| {
+            moved_data(r, &Kind::EACH, |a| a == DataAt::PastRegionEnd)
+        })
     }),
     ("indirect-no-access", |i| {
         has(i, |r| r.via == Via::IndirectNoAccess)
