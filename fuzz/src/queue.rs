@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
+use vduse_blkd::blk::config::MAX_DWZ_SECTORS;
 use vduse_blkd::sim::blk::{header, DwzSeg, POISON, S_IOERR, S_OK, S_UNSUPP, WZ_FLAG_UNMAP};
 use vduse_blkd::sim::device::FREE_IOVA;
 use vduse_blkd::sim::memory::{PROT_NONE, PROT_RO, PROT_RW};
@@ -137,9 +138,43 @@ pub enum Via {
     IndirectUnmapped(u16),
 }
 
+/// A change to a request's shape (the first alternative leaves it as built). Any other one
+/// makes [`StatusAt`], [`DataAt`] and the unreadable [`Via`]s ignored (an indirect table then
+/// is an ordinary one), so that each request has at most one thing wrong with it.
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    AsBuilt,
+    /// The device-readable part cut to its first `n % 16` bytes.
+    ShortHeader(u8),
+    /// The header's descriptors (all device-readable ones) device-writable.
+    WritableHeader,
+    /// 512 bytes in the wrong direction: device-readable after the header for IN and GET_ID,
+    /// otherwise device-writable before the status byte.
+    WrongDirection,
+    /// A device-readable descriptor after the status byte (then there is none).
+    TrailingReadable,
+    /// The status descriptor empty (then there is no status byte).
+    EmptyStatus,
+    /// IN / OUT: `1 + n % 511` more data bytes; GET_ID: a buffer of `n % 20` bytes; DISCARD /
+    /// WRITE_ZEROES: the ranges `1 + n % 15` bytes short.
+    Unaligned(u16),
+    /// GET_ID: a buffer `n % 4096` bytes longer than 20 (fine).
+    LongIdBuffer(u16),
+    /// Two empty descriptors where nothing is mapped, after the header and before the status
+    /// byte (fine).
+    Empty(u16),
+    /// DISCARD / WRITE_ZEROES: the first range of 0 sectors, of one more than allowed, with
+    /// more flag bits, at a sector whose byte offset overflows; 17 ranges.
+    RangeEmpty,
+    RangeTooLong,
+    RangeFlags(u32),
+    RangeOverflow,
+    TooManyRanges,
+}
+
 /// A request (its chain is built by `sim::BlkRequest`, then its status byte, one buffer or
-/// its indirect table may be moved; with every choice at its first alternative it is
-/// well-formed).
+/// its indirect table may be moved, or its shape changed; with every choice at its first
+/// alternative it is well-formed).
 #[derive(Arbitrary, Debug, Clone)]
 pub struct Req {
     pub kind: Kind,
@@ -160,6 +195,7 @@ pub struct Req {
     pub fill: u8,
     pub status_at: StatusAt,
     pub data_at: DataAt,
+    pub shape: Shape,
 }
 
 /// A raw descriptor: anything, within the chain's own buffer or outside all memory.
@@ -225,6 +261,9 @@ fn expect(r: &Req, read_only: bool, placed: &Placed) -> Option<(u8, u32)> {
     if !placed.answerable {
         return None;
     }
+    if let Some(status) = shape_status(r, read_only) {
+        return Some((status, 1));
+    }
     // A buffer the device cannot access (in its direction) fails the request: the header or
     // the ranges cannot be read, or the data cannot be translated. Only the parser's checks
     // of what it read before decide otherwise: it reads the ranges one by one, and refuses a
@@ -275,13 +314,61 @@ fn data_pieces(r: &Req, len: u64) -> u64 {
 
 fn ranges(r: &Req) -> Vec<DwzSeg> {
     let n = u32::from(r.sectors % 16) + 1;
-    (0..u64::from(r.ranges % 4) + 1)
+    let count = match r.shape {
+        Shape::TooManyRanges => 17,
+        _ => u64::from(r.ranges % 4) + 1,
+    };
+    let mut v: Vec<DwzSeg> = (0..count)
         .map(|i| DwzSeg {
-            sector: u64::from(r.sector) + 40 * i,
+            sector: u64::from(r.sector) + 40 * (i % 4),
             num_sectors: n,
             flags: if r.unmap { WZ_FLAG_UNMAP } else { 0 },
         })
-        .collect()
+        .collect();
+    let first = &mut v[0];
+    match r.shape {
+        Shape::RangeEmpty => first.num_sectors = 0,
+        Shape::RangeTooLong => first.num_sectors = MAX_DWZ_SECTORS + 1,
+        Shape::RangeFlags(f) => first.flags |= f,
+        Shape::RangeOverflow => first.sector = u64::MAX / 512 + 1,
+        _ => {}
+    }
+    v
+}
+
+/// The status a request's shape alone decides (`None`: as if it were well-formed), in the
+/// parser's order of checks. Not for the shapes that leave no status byte.
+fn shape_status(r: &Req, read_only: bool) -> Option<u8> {
+    let dwz = matches!(r.kind, Kind::Discard | Kind::WriteZeroes);
+    match r.shape {
+        Shape::AsBuilt | Shape::Empty(_) | Shape::LongIdBuffer(_) => None,
+        Shape::TrailingReadable | Shape::EmptyStatus => unreachable!("no status byte"),
+        // Checked before the type is known.
+        Shape::ShortHeader(_) | Shape::WritableHeader => Some(S_IOERR),
+        Shape::WrongDirection if matches!(r.kind, Kind::Other(_)) => None,
+        Shape::WrongDirection => Some(S_IOERR),
+        Shape::Unaligned(_) if matches!(r.kind, Kind::Flush | Kind::Other(_)) => None,
+        Shape::Unaligned(_) => Some(S_IOERR),
+        _ if !dwz => None,
+        // DISCARD / WRITE_ZEROES: the device's read-only state, the range count, then range
+        // by range its flags, its length, its offset.
+        _ if read_only => Some(S_IOERR),
+        Shape::TooManyRanges => Some(S_IOERR),
+        _ => {
+            let allowed = if r.kind == Kind::WriteZeroes {
+                WZ_FLAG_UNMAP
+            } else {
+                0
+            };
+            if ranges(r)[0].flags & !allowed != 0 {
+                Some(S_UNSUPP)
+            } else if let Shape::RangeFlags(_) = r.shape {
+                None
+            } else {
+                Some(S_IOERR)
+            }
+        }
+    }
 }
 
 /// The data of a write: sector `i` filled with `fill + i`.
@@ -295,7 +382,7 @@ fn pattern(r: &Req) -> Vec<u8> {
 fn blk_request(r: &Req) -> BlkRequest {
     let n = u32::from(r.sectors % 16) + 1;
     let sector = u64::from(r.sector);
-    let b = match r.kind {
+    let mut b = match r.kind {
         Kind::In => BlkRequest::read(sector, 512 * n),
         Kind::Out => BlkRequest::write(sector, &pattern(r)),
         Kind::Flush => BlkRequest::flush(),
@@ -304,7 +391,20 @@ fn blk_request(r: &Req) -> BlkRequest {
         Kind::WriteZeroes => BlkRequest::write_zeroes(&ranges(r)),
         Kind::Other(_) => BlkRequest::new(type_(r.kind), sector),
     };
-    let moved = r.status_at != StatusAt::Heap || r.data_at != DataAt::Heap;
+    match (r.shape, r.kind) {
+        (Shape::Unaligned(e), Kind::In) => b.in_len += 1 + u32::from(e % 511),
+        (Shape::Unaligned(e), Kind::Out) => {
+            b.out.resize(b.out.len() + 1 + usize::from(e % 511), 0x5a)
+        }
+        (Shape::Unaligned(e), Kind::GetId) => b.in_len = u32::from(e % 20),
+        (Shape::Unaligned(e), Kind::Discard | Kind::WriteZeroes) => {
+            b.out.truncate(b.out.len() - 1 - usize::from(e % 15))
+        }
+        (Shape::LongIdBuffer(e), Kind::GetId) => b.in_len += u32::from(e % 4096),
+        _ => {}
+    }
+    let moved =
+        r.status_at != StatusAt::Heap || r.data_at != DataAt::Heap || r.shape != Shape::AsBuilt;
     b.out_chunk(u32::from(r.out_chunk))
         .in_chunk(u32::from(r.in_chunk))
         .indirect(r.via != Via::Direct)
@@ -334,6 +434,11 @@ fn place(mem: &vduse_blkd::sim::SimMemory, r: &Req, k: usize, chain: &mut Chain)
         readable: u64::MAX,
         split: false,
     };
+    if r.shape != Shape::AsBuilt {
+        reshape(mem, r, chain);
+        placed.answerable = !matches!(r.shape, Shape::TrailingReadable | Shape::EmptyStatus);
+        return placed;
+    }
     let n = chain.descs.len();
     match r.status_at {
         StatusAt::Heap => {}
@@ -459,6 +564,42 @@ fn raw_chain(q: &SimQueue, kind: Kind, sector: u16, indirect: bool, descs: &[Raw
         },
         allocs: vec![(buf, SCRATCH)],
         tag: 0,
+    }
+}
+
+/// Apply `r`'s shape to its chain's descriptors (the changes `BlkRequest` cannot express).
+fn reshape(mem: &vduse_blkd::sim::SimMemory, r: &Req, chain: &mut Chain) {
+    let d = &mut chain.descs;
+    let readable = d.iter().take_while(|d| !d.is_write()).count();
+    let mut buffer = |bytes: &[u8]| {
+        let a = mem.alloc_bytes(bytes).expect("buffer");
+        chain.allocs.push((a, bytes.len() as u64));
+        a
+    };
+    match r.shape {
+        Shape::ShortHeader(n) => {
+            d[0].len = d[0].len.min(u32::from(n % 16));
+            d.drain(1..readable);
+        }
+        Shape::WritableHeader => d[..readable]
+            .iter_mut()
+            .for_each(|d| d.flags |= DESC_F_WRITE),
+        Shape::WrongDirection => match r.kind {
+            Kind::In | Kind::GetId => d.insert(readable, Desc::readable(buffer(&[0; 512]), 512)),
+            _ => {
+                let at = d.len() - 1;
+                d.insert(at, Desc::writable(buffer(&[POISON; 512]), 512));
+            }
+        },
+        Shape::TrailingReadable => d.push(Desc::readable(buffer(&[0; 16]), 16)),
+        Shape::EmptyStatus => d.last_mut().expect("status descriptor").len = 0,
+        Shape::Empty(o) => {
+            let at = UNMAPPED + u64::from(o);
+            let last = d.len() - 1;
+            d.insert(last, Desc::writable(at, 0));
+            d.insert(1, Desc::readable(at, 0));
+        }
+        _ => {}
     }
 }
 
@@ -600,11 +741,18 @@ fn run_batch(d: &mut Dev, batch: &Batch) {
     for (k, c) in batch.chains.iter().take(ITEMS as usize).enumerate() {
         let p = match c {
             ChainSpec::Request(r) => {
-                if q.free_descs() < blk_request(r).desc_count() {
-                    continue;
-                }
                 let mut chain = blk_request(r).chain(q.mem()).expect("request chain");
                 let placed = place(q.mem(), r, k, &mut chain);
+                let need = match chain.indirect {
+                    Indirect::Direct => chain.descs.len(),
+                    _ => 1,
+                };
+                if q.free_descs() < need {
+                    for &(a, l) in &chain.allocs {
+                        q.mem().free(a, l);
+                    }
+                    continue;
+                }
                 own_table(q, &mut chain);
                 let allocs = chain.allocs.clone();
                 let head = q.add(chain).expect("post request");
@@ -788,7 +936,13 @@ fn check_batch(d: &mut Dev, posted: &[Posted], done: &[Completion], dup: Option<
                     continue;
                 }
                 match r.kind {
-                    Kind::GetId => assert_eq!(&c.data[..], &d.serial[..], "serial"),
+                    Kind::GetId => {
+                        assert_eq!(&c.data[..20], &d.serial[..], "serial");
+                        assert!(
+                            c.data[20..].iter().all(|&b| b == POISON),
+                            "written past the 20-byte ID"
+                        );
+                    }
                     // A raw chain of the batch may have written anywhere.
                     Kind::In if !raw => {
                         for (i, s) in touched(r).enumerate() {
@@ -912,6 +1066,26 @@ fn check_serves(d: &mut Dev, sector: u16) {
 mod tests {
     use super::*;
 
+    /// Each of the `n` alternatives of the enum `T`, twice: with a payload of 0 bytes and of
+    /// 0x13 bytes (`Unmapped(0x1313)`, `RangeFlags(0x1313_1313)`), decoded as `arbitrary`
+    /// decodes choice `i` of `n`: a 32-bit value in `[i, i + 1) * 2^32 / n`.
+    fn alternatives<T: for<'a> Arbitrary<'a>>(n: u64) -> Vec<T> {
+        let mut v = Vec::new();
+        for payload in [0u8, 0x13] {
+            let mut seen = Vec::new();
+            for i in 0..n {
+                let mut b = (((i << 32).div_ceil(n)) as u32).to_le_bytes().to_vec();
+                b.extend([payload; 8]);
+                let t = T::arbitrary_take_rest(Unstructured::new(&b)).expect("decode");
+                seen.push(std::mem::discriminant(&t));
+                v.push(t);
+            }
+            seen.dedup();
+            assert_eq!(seen.len() as u64, n, "not {n} alternatives");
+        }
+        v
+    }
+
     fn req(kind: Kind, status_at: StatusAt, data_at: DataAt, via: Via, chunks: u16) -> Req {
         Req {
             kind,
@@ -926,34 +1100,18 @@ mod tests {
             fill: 0x30,
             status_at,
             data_at,
+            shape: Shape::AsBuilt,
         }
     }
 
-    /// Every kind with every placement, in batches of eight, on a writable and a read-only
-    /// device: the harness's own checks (status, used length, data, the model) must hold.
+    /// Every kind with every placement and every shape, in batches of eight, on a writable and
+    /// a read-only device: the harness's own checks (status, used length, data, the model)
+    /// must hold.
     #[test]
-    fn every_placement_of_every_kind_gets_the_answer_it_expects() {
-        let status = [
-            StatusAt::Heap,
-            StatusAt::ReadOnly,
-            StatusAt::NoAccess,
-            StatusAt::Unmapped(7),
-        ];
-        let data = [
-            DataAt::Heap,
-            DataAt::ReadOnly,
-            DataAt::NoAccess,
-            DataAt::Unmapped(9),
-            DataAt::AcrossRegions(0),
-            DataAt::AcrossRegions(300),
-            DataAt::PastRegionEnd,
-        ];
-        let via = [
-            Via::Direct,
-            Via::Indirect,
-            Via::IndirectNoAccess,
-            Via::IndirectUnmapped(5),
-        ];
+    fn every_placement_and_shape_of_every_kind_gets_the_answer_it_expects() {
+        let status: Vec<StatusAt> = alternatives(4);
+        let data: Vec<DataAt> = alternatives(6);
+        let via: Vec<Via> = alternatives(4);
         let mut all = Vec::new();
         for k in Kind::EACH {
             for &s in &status {
@@ -967,6 +1125,23 @@ mod tests {
                                 r.unmap = unmap;
                                 all.push(ChainSpec::Request(r));
                             }
+                        }
+                    }
+                }
+            }
+        }
+        let mut shapes: Vec<Shape> = alternatives(14);
+        shapes.push(Shape::RangeFlags(WZ_FLAG_UNMAP));
+        for k in Kind::EACH {
+            for &shape in &shapes {
+                for v in [Via::Direct, Via::Indirect, Via::IndirectUnmapped(1)] {
+                    for chunks in [0, 10] {
+                        for unmap in [false, true] {
+                            // Placements are ignored with a shape.
+                            let mut r = req(k, StatusAt::ReadOnly, DataAt::NoAccess, v, chunks);
+                            r.unmap = unmap;
+                            r.shape = shape;
+                            all.push(ChainSpec::Request(r));
                         }
                     }
                 }

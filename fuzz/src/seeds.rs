@@ -13,7 +13,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use vduse_blkd::blk::request::RequestError;
 use vduse_blkd::blk::RequestKind;
 
-use crate::queue::{Batch, ChainSpec, Config, DataAt, Edit, QueueInput, Req, StatusAt, Via};
+use crate::queue::{Batch, ChainSpec, Config, DataAt, Edit, QueueInput, Req, Shape, StatusAt, Via};
 use crate::request::{Outcome, RequestInput};
 use crate::Kind;
 
@@ -26,6 +26,14 @@ use crate::Kind;
 pub fn search<T: for<'a> Arbitrary<'a>>(
     max_len: usize,
     mut pred: impl FnMut(&T) -> bool,
+) -> Option<Vec<u8>> {
+    search_bytes(max_len, |_, t| pred(t))
+}
+
+/// [`search`], with a predicate that also sees the byte string.
+fn search_bytes<T: for<'a> Arbitrary<'a>>(
+    max_len: usize,
+    mut pred: impl FnMut(&[u8], &T) -> bool,
 ) -> Option<Vec<u8>> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
@@ -48,7 +56,7 @@ pub fn search<T: for<'a> Arbitrary<'a>>(
                 }
             })
             .collect();
-        if T::arbitrary_take_rest(Unstructured::new(&v)).is_ok_and(|t| pred(&t)) {
+        if T::arbitrary_take_rest(Unstructured::new(&v)).is_ok_and(|t| pred(&v, &t)) {
             return Some(v);
         }
     }
@@ -136,6 +144,12 @@ pub const REQUEST_SEEDS: &[RequestSeed] = &[
 /// A queue seed: its file name (`corpus/queue/seed-NAME`) and what its input must contain.
 pub type QueueSeed = (&'static str, fn(&QueueInput) -> bool);
 
+/// A queue seed by a property of one of its requests.
+pub type QueueRequestSeed = (&'static str, fn(&Req) -> bool);
+
+/// A property of a queue input.
+pub type QueueProperty = Box<dyn Fn(&QueueInput) -> bool>;
+
 /// The batches and requests the harness runs (it takes at most 6 and 8).
 fn batches(i: &QueueInput) -> impl Iterator<Item = &Batch> {
     i.batches.iter().take(6)
@@ -150,7 +164,8 @@ fn requests(b: &Batch) -> impl Iterator<Item = &Req> {
 
 /// Nothing moved: the request is well-formed.
 fn plain(r: &Req) -> bool {
-    r.status_at == StatusAt::Heap
+    r.shape == Shape::AsBuilt
+        && r.status_at == StatusAt::Heap
         && r.data_at == DataAt::Heap
         && matches!(r.via, Via::Direct | Via::Indirect)
 }
@@ -170,14 +185,24 @@ fn has(i: &QueueInput, pred: impl Fn(&Req) -> bool) -> bool {
     batches(i).any(|b| b.edit == Edit::None && requests(b).any(&pred))
 }
 
+/// Placements count only for a request of the shape it was built with.
+fn placed(r: &Req) -> bool {
+    r.shape == Shape::AsBuilt
+}
+
+fn of(r: &Req, kinds: &[Kind]) -> bool {
+    kinds
+        .iter()
+        .any(|k| std::mem::discriminant(k) == std::mem::discriminant(&r.kind))
+}
+
 fn moved_data(r: &Req, kinds: &[Kind], at: fn(DataAt) -> bool) -> bool {
-    r.status_at == StatusAt::Heap
+    placed(r)
+        && r.status_at == StatusAt::Heap
         && r.via != Via::IndirectNoAccess
         && !matches!(r.via, Via::IndirectUnmapped(_))
         && at(r.data_at)
-        && kinds
-            .iter()
-            .any(|k| std::mem::discriminant(k) == std::mem::discriminant(&r.kind))
+        && of(r, kinds)
 }
 
 const DEVICE_WRITES: &[Kind] = &[Kind::In, Kind::GetId];
@@ -213,54 +238,6 @@ pub const QUEUE_SEEDS: &[QueueSeed] = &[
                 && requests(b).any(|r| r.kind == Kind::WriteZeroes && r.ranges % 4 > 0)
         })
     }),
-    ("status-read-only", |i| {
-        has(i, |r| r.status_at == StatusAt::ReadOnly)
-    }),
-    ("status-no-access", |i| {
-        has(i, |r| r.status_at == StatusAt::NoAccess)
-    }),
-    ("status-unmapped", |i| {
-        has(i, |r| matches!(r.status_at, StatusAt::Unmapped(_)))
-    }),
-    ("data-read-only-in", |i| {
-        has(i, |r| {
-            moved_data(r, DEVICE_WRITES, |a| a == DataAt::ReadOnly)
-        })
-    }),
-    ("data-read-only-out", |i| {
-        has(i, |r| {
-            moved_data(r, DEVICE_READS, |a| a == DataAt::ReadOnly)
-        })
-    }),
-    ("data-no-access", |i| {
-        has(i, |r| moved_data(r, &Kind::EACH, |a| a == DataAt::NoAccess))
-    }),
-    ("data-unmapped", |i| {
-        has(i, |r| {
-            moved_data(r, &Kind::EACH, |a| matches!(a, DataAt::Unmapped(_)))
-        })
-    }),
-    ("data-across-regions-in", |i| {
-        has(i, |r| {
-            moved_data(r, DEVICE_WRITES, |a| matches!(a, DataAt::AcrossRegions(_)))
-        })
-    }),
-    ("data-across-regions-out", |i| {
-        has(i, |r| {
-            moved_data(r, DEVICE_READS, |a| matches!(a, DataAt::AcrossRegions(_)))
-        })
-    }),
-    ("data-past-region-end", |i| {
-        has(i, |r| {
-            moved_data(r, &Kind::EACH, |a| a == DataAt::PastRegionEnd)
-        })
-    }),
-    ("indirect-no-access", |i| {
-        has(i, |r| r.via == Via::IndirectNoAccess)
-    }),
-    ("indirect-unmapped", |i| {
-        has(i, |r| matches!(r.via, Via::IndirectUnmapped(_)))
-    }),
     ("raw-among-requests", |i| {
         batches(i).any(|b| {
             b.edit == Edit::None
@@ -272,6 +249,89 @@ pub const QUEUE_SEEDS: &[QueueSeed] = &[
         })
     }),
 ];
+
+/// Queue seeds that need one request with a property, in a batch without ring edits (so that
+/// it is answered).
+pub const QUEUE_REQUEST_SEEDS: &[QueueRequestSeed] = &[
+    ("status-read-only", |r| {
+        placed(r) && r.status_at == StatusAt::ReadOnly
+    }),
+    ("status-no-access", |r| {
+        placed(r) && r.status_at == StatusAt::NoAccess
+    }),
+    ("status-unmapped", |r| {
+        placed(r) && matches!(r.status_at, StatusAt::Unmapped(_))
+    }),
+    ("data-read-only-in", |r| {
+        moved_data(r, DEVICE_WRITES, |a| a == DataAt::ReadOnly)
+    }),
+    ("data-read-only-out", |r| {
+        moved_data(r, DEVICE_READS, |a| a == DataAt::ReadOnly)
+    }),
+    ("data-no-access", |r| {
+        moved_data(r, &Kind::EACH, |a| a == DataAt::NoAccess)
+    }),
+    ("data-unmapped", |r| {
+        moved_data(r, &Kind::EACH, |a| matches!(a, DataAt::Unmapped(_)))
+    }),
+    ("data-across-regions-in", |r| {
+        moved_data(r, DEVICE_WRITES, |a| matches!(a, DataAt::AcrossRegions(_)))
+    }),
+    ("data-across-regions-out", |r| {
+        moved_data(r, DEVICE_READS, |a| matches!(a, DataAt::AcrossRegions(_)))
+    }),
+    ("data-past-region-end", |r| {
+        moved_data(r, &Kind::EACH, |a| a == DataAt::PastRegionEnd)
+    }),
+    ("indirect-no-access", |r| {
+        placed(r) && r.via == Via::IndirectNoAccess
+    }),
+    ("indirect-unmapped", |r| {
+        placed(r) && matches!(r.via, Via::IndirectUnmapped(_))
+    }),
+    ("shape-header", |r| {
+        matches!(r.shape, Shape::ShortHeader(_) | Shape::WritableHeader)
+    }),
+    ("shape-wrong-direction", |r| {
+        r.shape == Shape::WrongDirection
+    }),
+    ("shape-no-status", |r| {
+        matches!(r.shape, Shape::TrailingReadable | Shape::EmptyStatus)
+    }),
+    ("shape-unaligned", |r| {
+        matches!(r.shape, Shape::Unaligned(_)) && !matches!(r.kind, Kind::Flush | Kind::Other(_))
+    }),
+    ("shape-long-id", |r| {
+        r.kind == Kind::GetId && matches!(r.shape, Shape::LongIdBuffer(_))
+    }),
+    ("shape-empty-descriptors", |r| {
+        matches!(r.shape, Shape::Empty(_))
+    }),
+    ("shape-ranges", |r| {
+        of(r, &[Kind::Discard, Kind::WriteZeroes])
+            && matches!(
+                r.shape,
+                Shape::RangeEmpty
+                    | Shape::RangeTooLong
+                    | Shape::RangeFlags(_)
+                    | Shape::RangeOverflow
+                    | Shape::TooManyRanges
+            )
+    }),
+];
+
+/// Every queue seed: [`QUEUE_SEEDS`], then [`QUEUE_REQUEST_SEEDS`] as properties of the input.
+pub fn queue_seeds() -> Vec<(&'static str, QueueProperty)> {
+    let whole = QUEUE_SEEDS.iter().map(|&(name, pred)| {
+        let pred: QueueProperty = Box::new(pred);
+        (name, pred)
+    });
+    let one = QUEUE_REQUEST_SEEDS.iter().map(|&(name, pred)| {
+        let pred: QueueProperty = Box::new(move |i| has(i, pred));
+        (name, pred)
+    });
+    whole.chain(one).collect()
+}
 
 #[cfg(test)]
 mod tests {
@@ -323,21 +383,28 @@ mod tests {
     }
 
     /// The first input [`search`] finds whose decoded value satisfies `pred`, else the
-    /// shortest such file of `pool` (a directory libFuzzer filled, e.g. `work/TARGET`).
+    /// shortest such file of `pool` (a directory libFuzzer filled, e.g. `work/TARGET`); never
+    /// one already `taken` by another seed.
     fn find<T: for<'a> Arbitrary<'a>>(
         name: &str,
         pool: Option<&Path>,
         max_len: usize,
+        taken: &mut Vec<Vec<u8>>,
         mut pred: impl FnMut(&T) -> bool,
-    ) -> Option<Vec<u8>> {
-        search(max_len, &mut pred).or_else(|| {
-            eprintln!("{name}: not found by the search, taken from the pool");
-            let mut pool: Vec<_> = pool.map(files).unwrap_or_default();
-            pool.sort_by_key(|(p, b)| (b.len(), p.clone()));
-            pool.into_iter()
-                .map(|(_, b)| b)
-                .find(|b| T::arbitrary_take_rest(Unstructured::new(b)).is_ok_and(|t| pred(&t)))
-        })
+    ) -> Vec<u8> {
+        let bytes = search_bytes(max_len, |b, t| !taken.iter().any(|x| x == b) && pred(t))
+            .or_else(|| {
+                eprintln!("{name}: not found by the search, taken from the pool");
+                let mut pool: Vec<_> = pool.map(files).unwrap_or_default();
+                pool.sort_by_key(|(p, b)| (b.len(), p.clone()));
+                pool.into_iter().map(|(_, b)| b).find(|b| {
+                    !taken.contains(b)
+                        && T::arbitrary_take_rest(Unstructured::new(b)).is_ok_and(|t| pred(&t))
+                })
+            })
+            .unwrap_or_else(|| panic!("no input found for {name}"));
+        taken.push(bytes.clone());
+        bytes
     }
 
     /// `FUZZ_WRITE_CORPUS=1`: every seed of [`REQUEST_SEEDS`] and [`QUEUE_SEEDS`], found by
@@ -351,16 +418,17 @@ mod tests {
         }
         let pool = std::env::var_os("FUZZ_SEED_POOL").map(PathBuf::from);
         let pool = |target: &str| pool.as_ref().map(|p| p.join(target));
+        let mut taken = Vec::new();
         for (name, pred) in REQUEST_SEEDS {
-            let bytes = find::<RequestInput>(name, pool("request").as_deref(), REQUEST_LEN, |i| {
+            let pool = pool("request");
+            let bytes = find::<RequestInput>(name, pool.as_deref(), REQUEST_LEN, &mut taken, |i| {
                 pred(i, crate::request::run(i))
-            })
-            .unwrap_or_else(|| panic!("no request input found for {name}"));
+            });
             write(&dir("corpus/request").join(format!("seed-{name}")), &bytes);
         }
-        for (name, pred) in QUEUE_SEEDS {
-            let bytes = find::<QueueInput>(name, pool("queue").as_deref(), QUEUE_LEN, pred)
-                .unwrap_or_else(|| panic!("no queue input found for {name}"));
+        for (name, pred) in queue_seeds() {
+            let pool = pool("queue");
+            let bytes = find::<QueueInput>(name, pool.as_deref(), QUEUE_LEN, &mut taken, pred);
             write(&dir("corpus/queue").join(format!("seed-{name}")), &bytes);
         }
     }
@@ -389,7 +457,7 @@ mod tests {
     /// Every queue seed still has its property, and every file replays clean.
     #[test]
     fn queue_corpus_replays_clean_and_every_seed_has_its_property() {
-        for (name, pred) in QUEUE_SEEDS {
+        for (name, pred) in queue_seeds() {
             let path = dir("corpus/queue").join(format!("seed-{name}"));
             let input: QueueInput = decode(&path);
             assert!(pred(&input), "seed-{name} lost its property: regenerate it");
@@ -407,7 +475,7 @@ mod tests {
     #[test]
     #[ignore]
     fn seed_hit_counts() {
-        for (name, pred) in QUEUE_SEEDS {
+        for (name, pred) in queue_seeds() {
             let mut hits = 0;
             let _ = search::<QueueInput>(QUEUE_LEN, |i| {
                 hits += usize::from(pred(i));
