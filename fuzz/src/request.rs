@@ -10,15 +10,16 @@ use std::cell::RefCell;
 
 use arbitrary::{Arbitrary, Unstructured};
 use vduse_blkd::blk::config::{MAX_DWZ_SECTORS, MAX_DWZ_SEGMENTS};
-use vduse_blkd::blk::request::{DeviceLimits, GuestRead, RequestError};
+use vduse_blkd::blk::request::{DeviceLimits, RequestError};
 use vduse_blkd::blk::{parse_request, Request, RequestKind, Segment};
-use vduse_blkd::memory::IovaSpace;
 use vduse_blkd::sim::blk::{header, S_IOERR, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT};
 use vduse_blkd::sim::blk::{T_WRITE_ZEROES, WZ_FLAG_UNMAP};
 use vduse_blkd::sim::memory::{PROT_NONE, PROT_RO, PROT_RW};
 use vduse_blkd::sim::queue::{Desc, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 use vduse_blkd::sim::SimMemory;
 use vduse_blkd::worker::chain::{walk_chain, ChainError};
+
+use crate::{FreshView, Kind};
 
 /// Read-write region (64 KiB): descriptor table, indirect table, then the buffer area.
 const MAIN: u64 = 0x1_0000;
@@ -103,17 +104,6 @@ pub enum Sector {
     Raw(u64),
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
-pub enum Type {
-    In,
-    Out,
-    Flush,
-    GetId,
-    Discard,
-    WriteZeroes,
-    Raw(u32),
-}
-
 /// One DISCARD/WRITE_ZEROES range.
 #[derive(Arbitrary, Debug, Clone, Copy)]
 pub struct Range {
@@ -149,7 +139,8 @@ pub enum TableAt {
 /// One input of target `request`.
 #[derive(Arbitrary, Debug, Clone)]
 pub struct RequestInput {
-    pub ty: Type,
+    /// The header's type (`Other`: any value, implemented or not).
+    pub ty: Kind,
     pub sector: Sector,
     /// Capacity `(n + 1) * 8` sectors.
     pub capacity: u8,
@@ -194,16 +185,7 @@ impl RequestInput {
 
     /// The header and payload bytes at [`BUF`].
     fn blob(&self) -> Vec<u8> {
-        let ty = match self.ty {
-            Type::In => T_IN,
-            Type::Out => T_OUT,
-            Type::Flush => T_FLUSH,
-            Type::GetId => T_GET_ID,
-            Type::Discard => T_DISCARD,
-            Type::WriteZeroes => T_WRITE_ZEROES,
-            Type::Raw(t) => t,
-        };
-        let mut b = header(ty, self.sector_value(self.sector)).to_vec();
+        let mut b = header(self.ty.value(), self.sector_value(self.sector)).to_vec();
         for r in self.ranges() {
             let count = match r.count {
                 n @ 0..=63 => u32::from(n),
@@ -315,18 +297,6 @@ pub fn build(mem: &SimMemory, input: &RequestInput) -> Built {
     Built { table, size, head }
 }
 
-/// The worker's view of memory (as its private `MemView` adapts an `IovaSpace`).
-struct View<'a> {
-    space: &'a mut IovaSpace,
-    src: &'a mut SimMemory,
-}
-
-impl GuestRead for View<'_> {
-    fn read_at(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), u64> {
-        self.space.read(self.src, addr, buf).map_err(|e| e.iova())
-    }
-}
-
 struct State {
     mem: SimMemory,
     zeros: Vec<u8>,
@@ -380,12 +350,7 @@ fn run_in(s: &mut State, input: &RequestInput) -> Outcome {
         read_only: input.read_only,
     };
     // A fresh IOVA space per input, as a (re)started worker has.
-    let mut space = IovaSpace::new();
-    let mut src = s.mem.clone();
-    let mut view = View {
-        space: &mut space,
-        src: &mut src,
-    };
+    let mut view = FreshView::new(&s.mem);
     let walked = walk_chain(&mut view, b.table, b.size, b.head, &mut s.segs);
     check_walk(&b, &walked);
     // The walk is a function of memory: again, the same segments.
@@ -560,7 +525,7 @@ mod tests {
         }
     }
 
-    fn input(ty: Type, descs: Vec<DescSpec>) -> RequestInput {
+    fn input(ty: Kind, descs: Vec<DescSpec>) -> RequestInput {
         RequestInput {
             ty,
             sector: Sector::Small(1),
@@ -580,7 +545,7 @@ mod tests {
     #[test]
     fn a_well_formed_read_is_accepted() {
         let i = input(
-            Type::In,
+            Kind::In,
             vec![
                 desc(Len::Header, false),
                 desc(Len::SectorsAndStatus(2), true),
@@ -589,12 +554,7 @@ mod tests {
         let mem = memory();
         let b = build(&mem, &i);
         let mut segs = Vec::new();
-        let mut space = IovaSpace::new();
-        let mut src = mem.clone();
-        let mut view = View {
-            space: &mut space,
-            src: &mut src,
-        };
+        let mut view = FreshView::new(&mem);
         walk_chain(&mut view, b.table, b.size, b.head, &mut segs).expect("walk");
         let mut req = Request::default();
         let limits = DeviceLimits {
@@ -615,7 +575,7 @@ mod tests {
     #[should_panic(expected = "write accepted on a read-only device")]
     fn check_accepted_catches_a_write_on_a_read_only_device() {
         let i = input(
-            Type::Out,
+            Kind::Out,
             vec![desc(Len::Header, false), desc(Len::Status, true)],
         );
         let mem = memory();
