@@ -39,8 +39,10 @@ impl<E: QueueEdge> Worker<E> {
                 return Ok(());
             }
             if self.throttled || self.avail_pending() {
+                // New requests, or ones held back for CQ room: either way there is work.
                 self.throttled = false;
-                worked |= self.pop_all() || self.throttled;
+                self.pop_all();
+                worked = true;
                 if self.broken.is_some() {
                     return Ok(());
                 }

@@ -444,7 +444,13 @@ impl Uring {
             }
             *n -= 1;
         }
-        match self.ring.submit_and_wait(1) {
+        self.enter(1)
+    }
+
+    /// Submit what is queued and wait for `want` completions (0: none). An interrupted or
+    /// CQ-busy enter is not an error.
+    fn enter(&mut self, want: usize) -> io::Result<()> {
+        match self.ring.submit_and_wait(want) {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
             Err(e) => Err(e),
@@ -461,11 +467,7 @@ impl Uring {
         if idle {
             return Ok(());
         }
-        match self.ring.submit() {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.enter(0)
     }
 
     /// Whether completions are waiting to be reaped.
