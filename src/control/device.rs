@@ -107,7 +107,7 @@ pub struct WorkerStart {
     pub setup: QueueSetup,
     /// The queue's kick eventfd, already given to the kernel.
     pub kick: OwnedFd,
-    /// CPU and thread name.
+    /// CPU, thread name and busy-poll window.
     pub opts: WorkerOptions,
     /// Must be moved into the worker and dropped only when it ends: that is how the loop
     /// learns that a worker stopped without being asked (a corrupt ring).
