@@ -19,7 +19,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::backend::BackingSpec;
-use crate::control::daemon::{self, AttachMode, ServeOptions};
+use crate::control::daemon::{self, AttachMode, ServeOptions, ZeroCopyMode};
 use crate::control::probe;
 
 /// Serve a file or block device as a virtio-blk device through VDUSE, with an io_uring data
@@ -45,6 +45,17 @@ pub enum Attach {
     Vhost,
     /// Do not attach; run `vdpa dev add name NAME mgmtdev vduse` yourself.
     None,
+}
+
+/// Whether the data path uses our own memory as the bounce buffer.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ZeroCopyArg {
+    /// On where the kernel allows (virtio_vdpa on 6.x/7.x), else the bounce mmap.
+    Auto,
+    /// Required: the device stops with the kernel's reason where it cannot be had.
+    On,
+    /// Never: data goes through the kernel's bounce pages (mmap of VDUSE_IOTLB_GET_FD).
+    Off,
 }
 
 /// `serve`'s arguments.
@@ -94,6 +105,12 @@ pub struct ServeArgs {
     /// and vduse-blkd speak. For testing and for comparing the code paths.
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1))]
     pub api_version: Option<u64>,
+    /// Zero copy: register memory of our own as the device's bounce buffer
+    /// (VDUSE_IOTLB_REG_UMEM) and with each worker's io_uring as fixed buffers, so that reads
+    /// and writes of one segment are READ_FIXED / WRITE_FIXED. Needs RLIMIT_MEMLOCK room for
+    /// the bounce size (raised when allowed). The stop line counts the fixed-buffer I/Os.
+    #[arg(long, value_enum, default_value_t = ZeroCopyArg::Auto)]
+    pub zero_copy: ZeroCopyArg,
 }
 
 /// The subcommands.
@@ -208,6 +225,11 @@ impl ServeArgs {
                 Attach::None => AttachMode::None,
             },
             api_version: self.api_version,
+            zero_copy: match self.zero_copy {
+                ZeroCopyArg::Auto => ZeroCopyMode::Auto,
+                ZeroCopyArg::On => ZeroCopyMode::On,
+                ZeroCopyArg::Off => ZeroCopyMode::Off,
+            },
         }
     }
 }
@@ -234,11 +256,12 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             let s = report.stats.summary();
             let _ = writeln!(
                 std::io::stderr(),
-                "vduse-blkd: stopped: {} requests ({} errors), {} MiB read, {} MiB written, latency p50 {:.1} us p99 {:.1} us p99.9 {:.1} us",
+                "vduse-blkd: stopped: {} requests ({} errors), {} MiB read, {} MiB written, {} on fixed buffers, latency p50 {:.1} us p99 {:.1} us p99.9 {:.1} us",
                 s.requests,
                 s.errors,
                 s.bytes_read >> 20,
                 s.bytes_written >> 20,
+                s.fixed_ios,
                 s.p50_us,
                 s.p99_us,
                 s.p999_us

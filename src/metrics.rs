@@ -37,6 +37,8 @@ pub struct QueueStats {
     pub interrupts: u64,
     /// `io_uring_enter` calls that submitted at least one I/O.
     pub submits: u64,
+    /// Reads and writes done on io_uring fixed buffers (the zero-copy area).
+    pub fixed_ios: u64,
     /// Request latency in nanoseconds.
     pub latency: Histogram<u64>,
 }
@@ -57,6 +59,7 @@ impl Default for QueueStats {
             kicks: 0,
             interrupts: 0,
             submits: 0,
+            fixed_ios: 0,
             latency: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
                 .expect("static histogram bounds are valid"),
         }
@@ -76,6 +79,8 @@ pub struct StatsSummary {
     pub bytes_written: u64,
     /// Interrupts injected.
     pub interrupts: u64,
+    /// Reads and writes on fixed buffers (zero copy).
+    pub fixed_ios: u64,
     /// Latency percentiles, microseconds.
     pub p50_us: f64,
     /// 99th percentile, microseconds.
@@ -105,6 +110,7 @@ impl QueueStats {
         self.kicks += other.kicks;
         self.interrupts += other.interrupts;
         self.submits += other.submits;
+        self.fixed_ios += other.fixed_ios;
         // Same bounds on both sides: adding cannot fail.
         let _ = self.latency.add(&other.latency);
     }
@@ -118,6 +124,7 @@ impl QueueStats {
             bytes_read: self.bytes_read,
             bytes_written: self.bytes_written,
             interrupts: self.interrupts,
+            fixed_ios: self.fixed_ios,
             p50_us: q(0.5),
             p99_us: q(0.99),
             p999_us: q(0.999),

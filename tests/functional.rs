@@ -890,3 +890,46 @@ fn a_polling_worker_serves_without_kicks() {
         shutdown_clean(dev);
     }
 }
+
+/// With a zero-copy area (the simulator's stand-in for VDUSE's registered umem) one-segment
+/// reads and writes are io_uring fixed-buffer operations and multi-segment ones stay vectored
+/// on the same memory; every byte arrives either way, and without the area nothing is fixed.
+#[test]
+fn zero_copy_uses_fixed_buffers_for_one_segment_and_vectors_for_more() {
+    require_io_uring!();
+    for zero_copy in [true, false] {
+        let mut dev = device_with(1 << 20, |cfg| cfg.zero_copy = zero_copy);
+        // One-segment write and read. The worker asks about zero copy after its first drain,
+        // which may already have started the write the vectored way (as the request whose
+        // mapping creates VDUSE's bounce region does): one or two fixed I/Os.
+        assert_serves(&mut dev, 0, 1000);
+        let mut one_segment = 0;
+        for i in 0..16u64 {
+            let data = pattern(i, 8192);
+            // 0: the header alone, then the payload in one descriptor.
+            let chunk = if i % 2 == 0 { 0 } else { 2048 };
+            one_segment += u64::from(chunk == 0) * 2;
+            let c = run_req(
+                &mut dev,
+                0,
+                BlkRequest::write(i * 16, &data).out_chunk(chunk),
+            );
+            assert_eq!(c.status, Some(S_OK), "write {i}");
+            let c = run_req(&mut dev, 0, BlkRequest::read(i * 16, 8192).in_chunk(chunk));
+            assert_eq!(c.status, Some(S_OK), "read {i}");
+            assert!(c.data == data, "read {i} returned other data");
+            assert_eq!(dev.backing_read(i * 16 * 512, 8192).unwrap(), data);
+        }
+        let stats = shutdown_stats(dev);
+        let want = if zero_copy {
+            one_segment + 1..=one_segment + 2
+        } else {
+            0..=0
+        };
+        assert!(
+            want.contains(&stats.fixed_ios),
+            "zero_copy {zero_copy}: {} fixed-buffer I/Os, want {want:?}",
+            stats.fixed_ios
+        );
+    }
+}

@@ -27,6 +27,7 @@ use super::device::{
 use super::fd::{ControlFd, DeviceFd, CONTROL_PATH};
 use super::netlink::{NetlinkError, VdpaNetlink};
 use super::sysfs;
+pub use super::zerocopy::ZeroCopyMode;
 use crate::backend::{Backend, BackendError, BackingSpec};
 use crate::blk::{BlkConfig, BlkGeometry, VIRTIO_BLK_ID_BYTES};
 use crate::metrics::QueueStats;
@@ -73,6 +74,8 @@ pub struct ServeOptions {
     pub attach: AttachMode,
     /// Force this VDUSE API version instead of the highest common one.
     pub api_version: Option<u64>,
+    /// Our own memory as the bounce buffer, registered with io_uring (`--zero-copy`).
+    pub zero_copy: ZeroCopyMode,
 }
 
 /// Why a command failed. Each message is one line a user can act on.
@@ -208,6 +211,13 @@ fn validate_params(o: &ServeOptions) -> Result<(), DaemonError> {
                 s.len()
             ));
         }
+    }
+    if o.attach == AttachMode::Vhost && o.zero_copy == ZeroCopyMode::On {
+        return p(
+            "--zero-copy on needs --attach virtio: under vhost_vdpa the device sees the \
+                  VM's memory, there is no bounce buffer to replace"
+                .into(),
+        );
     }
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some(bad) = o.cpus.iter().find(|&&c| c >= 1024) {
@@ -536,12 +546,20 @@ fn start_loop(
         cpus,
         poll: o.poll,
     };
-    let workers = VduseWorkers::new(Arc::clone(&dev), io);
+    let workers = VduseWorkers::new(Arc::clone(&dev), io, zero_copy_for(o));
     let lp =
         spawn_loop(dev, workers, cfg, tx).map_err(io_err("cannot start the control thread"))?;
     s.lp = Some(lp);
     s.events = Some(rx);
     Ok(())
+}
+
+/// Under vhost_vdpa there is no bounce buffer: `auto` means off (and `on` was refused).
+fn zero_copy_for(o: &ServeOptions) -> ZeroCopyMode {
+    match o.attach {
+        AttachMode::Vhost => ZeroCopyMode::Off,
+        AttachMode::Virtio | AttachMode::None => o.zero_copy,
+    }
 }
 
 /// Attach, print the ready line, and serve until a signal or a fatal event.
@@ -743,6 +761,7 @@ mod tests {
             serial: None,
             attach: AttachMode::Virtio,
             api_version: None,
+            zero_copy: ZeroCopyMode::Auto,
         }
     }
 
@@ -804,12 +823,19 @@ mod tests {
             change(&mut o);
             validate_params(&o).unwrap_err().to_string()
         };
-        let cases: [(Change, &str); 5] = [
+        let cases: [(Change, &str); 6] = [
             (|o| o.queue_size = 100, "power of two"),
             (|o| o.queue_size = 65536, "too large"),
             (|o| o.queues = 1000, "too many queues"),
             (|o| o.backing.block_size = 1024, "512 or 4096"),
             (|o| o.serial = Some("x".repeat(21)), "serial is 21 bytes"),
+            (
+                |o| {
+                    o.attach = AttachMode::Vhost;
+                    o.zero_copy = ZeroCopyMode::On;
+                },
+                "--zero-copy on needs --attach virtio",
+            ),
         ];
         for (change, want) in cases {
             let got = refusal(change);

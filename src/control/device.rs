@@ -43,12 +43,14 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::fd::{map_region, new_eventfd, ControlFd, DeviceFd};
+use super::zerocopy::{UmemRegistry, ZeroCopyMode};
 use crate::memory::{IovaRegion, RegionSource};
 use crate::metrics::QueueStats;
 use crate::uapi::vduse as u;
 use crate::uapi::virtio as vf;
 use crate::worker::{
     self, DeviceIo, QueueEdge, QueueSetup, WorkerError, WorkerExit, WorkerHandle, WorkerOptions,
+    ZeroCopy,
 };
 
 /// The operations on `/dev/vduse/NAME` that the message loop uses. [`DeviceFd`] is the real
@@ -99,6 +101,8 @@ pub trait QueueWorkers: Send + 'static {
     type Worker: QueueWorker;
     /// Start a worker as `start` describes.
     fn start(&mut self, start: WorkerStart) -> io::Result<Self::Worker>;
+    /// The device was reset and every worker has stopped: drop what an attach set up.
+    fn reset(&mut self) {}
 }
 
 /// Everything a queue worker is started with.
@@ -133,12 +137,14 @@ impl Drop for ExitToken {
 pub struct VduseWorkers {
     dev: Arc<DeviceFd>,
     io: Arc<DeviceIo>,
+    umem: Arc<UmemRegistry>,
 }
 
 impl VduseWorkers {
-    /// Workers on `dev` serving `io`.
-    pub fn new(dev: Arc<DeviceFd>, io: Arc<DeviceIo>) -> Self {
-        VduseWorkers { dev, io }
+    /// Workers on `dev` serving `io`, with zero copy as `zero_copy` says.
+    pub fn new(dev: Arc<DeviceFd>, io: Arc<DeviceIo>, zero_copy: ZeroCopyMode) -> Self {
+        let umem = UmemRegistry::new(Arc::clone(&dev), zero_copy);
+        VduseWorkers { dev, io, umem }
     }
 }
 
@@ -154,16 +160,22 @@ impl QueueWorkers for VduseWorkers {
         } = start;
         let edge = VduseEdge {
             dev: Arc::clone(&self.dev),
+            umem: Arc::clone(&self.umem),
             index: u32::from(setup.index),
             _exit: exit,
         };
         worker::spawn(setup, Arc::clone(&self.io), edge, kick, opts)
+    }
+
+    fn reset(&mut self) {
+        self.umem.reset();
     }
 }
 
 /// The VDUSE edges of a worker: IOTLB lookups and interrupt injection.
 pub struct VduseEdge {
     dev: Arc<DeviceFd>,
+    umem: Arc<UmemRegistry>,
     index: u32,
     /// Dropped with the edge, i.e. when the worker ends.
     _exit: ExitToken,
@@ -171,6 +183,11 @@ pub struct VduseEdge {
 
 impl RegionSource for VduseEdge {
     fn region_for(&mut self, iova: u64) -> Option<IovaRegion> {
+        // Before any bounce IOVA is mapped from the kernel's pages: once a request exists the
+        // registration can be made, and then the bounce region is our memory.
+        if let Some(region) = self.umem.region_for(iova) {
+            return Some(region);
+        }
         let r = match self.dev.iotlb_get_fd(iova) {
             Ok(r) => r,
             Err(e) => {
@@ -194,6 +211,10 @@ impl RegionSource for VduseEdge {
 impl QueueEdge for VduseEdge {
     fn notify(&mut self) -> io::Result<()> {
         self.dev.inject_irq(self.index).map_err(io::Error::from)
+    }
+
+    fn zero_copy(&mut self, served: bool) -> ZeroCopy {
+        self.umem.status(served)
     }
 }
 
@@ -582,6 +603,7 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
         if status == 0 {
             // Reset: stop ring processing and drop every mapping before replying.
             self.stop_workers(false);
+            self.spawner.reset();
             self.saved.iter_mut().for_each(|s| *s = None);
             self.suspended = false;
             return true;

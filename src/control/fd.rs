@@ -16,6 +16,7 @@ use vm_memory::{FileOffset, GuestAddress};
 
 use super::api::ControlOps;
 use super::device::DeviceOps;
+use crate::memory::umem::Umem;
 use crate::memory::IovaRegion;
 use crate::uapi::vduse::{self as u, VduseDevRequest, VduseDevResponse, VDUSE_MSG_SIZE};
 
@@ -170,6 +171,22 @@ impl DeviceFd {
         Ok(IotlbRegion { entry, file })
     }
 
+    /// `VDUSE_IOTLB_REG_UMEM`: back the bounce region (IOVA 0, its whole size) with `umem`.
+    pub fn reg_umem(&self, umem: &Umem) -> Result<(), Errno> {
+        let arg = umem_arg(umem);
+        // SAFETY: the kernel reads one VduseIovaUmem from a live local and pins the pages of
+        // `umem`, whose mapping is reference-counted: it stays mapped while any worker or the
+        // registry holds it, and the pinned pages outlive an unmapping in any case.
+        unsafe { u::vduse_iotlb_reg_umem(self.fd(), &arg) }.map(drop)
+    }
+
+    /// `VDUSE_IOTLB_DEREG_UMEM` of an area given to [`DeviceFd::reg_umem`].
+    pub fn dereg_umem(&self, umem: &Umem) -> Result<(), Errno> {
+        let arg = umem_arg(umem);
+        // SAFETY: the kernel reads one VduseIovaUmem from a live local.
+        unsafe { u::vduse_iotlb_dereg_umem(self.fd(), &arg) }.map(drop)
+    }
+
     /// `VDUSE_IOTLB_GET_INFO` at IOVA `iova`: ENOTTY means the kernel lacks it.
     pub fn iotlb_info(&self, iova: u64) -> Result<u::VduseIovaInfo, Errno> {
         let mut info = u::VduseIovaInfo {
@@ -227,6 +244,17 @@ impl DeviceOps for DeviceFd {
         // SAFETY: the kernel reads one VduseVqEventfd from a live local; it takes its own
         // reference on the eventfd.
         unsafe { u::vduse_vq_setup_kickfd(self.fd(), &ev) }.map(drop)
+    }
+}
+
+/// The REG/DEREG argument for `umem` as the bounce region (IOVA 0, address space 0; the v0
+/// layout's reserved words are the v1 `asid` and `reserved`, all zero).
+fn umem_arg(umem: &Umem) -> u::VduseIovaUmem {
+    u::VduseIovaUmem {
+        uaddr: umem.as_ptr() as u64,
+        iova: 0,
+        size: umem.len() as u64,
+        ..Default::default()
     }
 }
 

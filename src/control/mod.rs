@@ -10,6 +10,8 @@
 //!   module files, `modprobe`).
 //! - [`daemon`]: the commands' lifecycles (`serve`, `list`, `del`).
 //! - [`probe`]: `probe`: what the kernel offers and what is missing.
+//! - [`zerocopy`]: our own memory as the bounce buffer (`REG_UMEM`), shared by a device's
+//!   workers.
 //!
 //! Must not touch: the data path beyond starting and stopping workers.
 pub mod api;
@@ -20,3 +22,4 @@ pub mod host;
 pub mod netlink;
 pub mod probe;
 pub mod sysfs;
+pub mod zerocopy;

@@ -89,6 +89,9 @@ pub struct SimDeviceConfig {
     pub fill_seed: Option<u64>,
     /// The workers' busy-poll window (`serve --poll-us`; zero: no polling).
     pub poll: Duration,
+    /// Offer the buffer heap to the workers as a zero-copy area (fixed buffers), as a
+    /// registered umem is on VDUSE.
+    pub zero_copy: bool,
 }
 
 impl SimDeviceConfig {
@@ -107,6 +110,7 @@ impl SimDeviceConfig {
             dir: None,
             fill_seed: None,
             poll: Duration::ZERO,
+            zero_copy: false,
         }
     }
 }
@@ -174,6 +178,7 @@ impl SimDevice {
         });
         let mem = SimMemory::new();
         mem.add_heap(HEAP_BASE, cfg.heap_len)?;
+        mem.set_zero_copy(cfg.zero_copy);
         let mut queues = Vec::new();
         for q in 0..cfg.queues {
             let base = RING_BASE + u64::from(q) * RING_STRIDE;

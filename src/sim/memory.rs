@@ -23,6 +23,7 @@ use vm_memory::{
 };
 
 use super::SimError;
+use crate::memory::umem::Umem;
 use crate::memory::{IovaRegion, RegionSource};
 
 /// Read and write access for the device (the default).
@@ -114,6 +115,8 @@ struct Inner {
     /// The driver's read-write view of every region, keyed by IOVA.
     driver: GuestMemoryMmap<()>,
     heap: Option<Heap>,
+    /// Offer the heap region to workers as their zero-copy area.
+    zero_copy: bool,
 }
 
 /// The driver's memory: a set of regions at chosen IOVAs, shared with the workers' edges.
@@ -139,6 +142,7 @@ impl SimMemory {
                 regions: Vec::new(),
                 driver: GuestMemoryMmap::default(),
                 heap: None,
+                zero_copy: false,
             })),
             lookups: Arc::new(AtomicU64::new(0)),
         }
@@ -193,6 +197,20 @@ impl SimMemory {
         self.add_region(iova, len, PROT_RW)?;
         self.lock().heap = Some(Heap::new(iova, len));
         Ok(())
+    }
+
+    /// Offer (or stop offering) the heap region to workers as a zero-copy area: what VDUSE's
+    /// registered umem is to a real device.
+    pub fn set_zero_copy(&self, on: bool) {
+        self.lock().zero_copy = on;
+    }
+
+    /// The heap region's device mapping as a zero-copy area, if offered.
+    pub fn zero_copy_area(&self) -> Option<Umem> {
+        let inner = self.lock();
+        let base = inner.heap.as_ref().filter(|_| inner.zero_copy)?.base;
+        let r = inner.regions.iter().find(|r| r.iova == base)?;
+        Some(Umem::over(Arc::clone(&r.device)))
     }
 
     /// The regions as `(iova, len, prot)`, sorted by IOVA.

@@ -22,7 +22,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use super::memory::SimMemory;
 use super::SimError;
 use crate::memory::{IovaRegion, RegionSource};
-use crate::worker::{QueueEdge, QueueSetup};
+use crate::worker::{QueueEdge, QueueSetup, ZeroCopy};
 
 /// `VRING_DESC_F_NEXT`.
 pub const DESC_F_NEXT: u16 = 1;
@@ -130,6 +130,12 @@ impl RegionSource for SimEdge {
 impl QueueEdge for SimEdge {
     fn notify(&mut self) -> io::Result<()> {
         self.irq.raise()
+    }
+
+    fn zero_copy(&mut self, _served: bool) -> ZeroCopy {
+        self.mem
+            .zero_copy_area()
+            .map_or(ZeroCopy::Off, ZeroCopy::On)
     }
 }
 

@@ -45,6 +45,14 @@ pub enum WorkerError {
         #[source]
         source: io::Error,
     },
+    /// Zero copy was required (`--zero-copy on`) and the kernel refused it.
+    #[error("queue {queue}: zero copy is not possible here: {reason}")]
+    ZeroCopy {
+        /// Queue index.
+        queue: u16,
+        /// What refused it.
+        reason: String,
+    },
     /// The worker thread panicked (a bug, never driver input).
     #[error("queue {0}: worker panicked")]
     Panicked(u16),

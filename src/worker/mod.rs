@@ -53,6 +53,7 @@ use crate::blk::request::{DeviceLimits, GuestRead};
 use crate::blk::{
     parse_request, DwzSegment, Request, RequestKind, Segment, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK,
 };
+use crate::memory::umem::Umem;
 use crate::memory::{IovaSpace, RegionSource};
 use crate::metrics::QueueStats;
 use chain::walk_chain;
@@ -77,6 +78,27 @@ const ARMED_READS: usize = 2;
 pub trait QueueEdge: RegionSource + Send + 'static {
     /// Tell the driver that the used ring moved (VDUSE: `VDUSE_VQ_INJECT_IRQ`).
     fn notify(&mut self) -> io::Result<()>;
+
+    /// Whether data buffers live in a zero-copy area the worker should register with its
+    /// io_uring as fixed buffers. Asked after each drain until the answer is not
+    /// [`ZeroCopy::Pending`]; `served` says whether this worker has taken a request yet.
+    fn zero_copy(&mut self, served: bool) -> ZeroCopy {
+        let _ = served;
+        ZeroCopy::Off
+    }
+}
+
+/// What an edge says of the zero-copy area ([`QueueEdge::zero_copy`]).
+#[derive(Debug)]
+pub enum ZeroCopy {
+    /// Not known yet (VDUSE: the bounce region exists only once the driver mapped a request).
+    Pending,
+    /// Not used: turned off, or not possible here and not required.
+    Off,
+    /// In use: data buffers inside this area may be read and written as fixed buffers.
+    On(Umem),
+    /// Required (`--zero-copy on`) and impossible: the worker stops with this reason.
+    Failed(String),
 }
 
 /// Where a queue's rings are and where processing resumes.
@@ -186,6 +208,10 @@ struct Worker<E: QueueEdge> {
     stats: QueueStats,
     /// Busy-poll window after the last work (`serve --poll-us`); zero: never poll.
     poll: Duration,
+    /// The edge has not yet said whether a zero-copy area is in use.
+    zero_copy_pending: bool,
+    /// Where this worker started in the avail ring (it has served requests once it moved).
+    first_avail: u16,
 }
 
 impl<E: QueueEdge> Drop for Worker<E> {
@@ -308,6 +334,8 @@ impl<E: QueueEdge> Worker<E> {
             cqes: Vec::with_capacity(cq),
             stats: QueueStats::default(),
             poll,
+            zero_copy_pending: true,
+            first_avail: setup.next_avail,
         })
     }
 
@@ -332,6 +360,7 @@ impl<E: QueueEdge> Worker<E> {
         self.arm(Wake::Stop)?;
         // Kicks may have been latched before our eventfd was installed: look once.
         self.drain();
+        self.resolve_zero_copy()?;
         self.notify_if_needed();
         loop {
             // Checked before waiting, not only after a wake-up: the first drain above may
@@ -350,11 +379,13 @@ impl<E: QueueEdge> Worker<E> {
             let kicked = self.reap()?;
             if !self.stopping && self.broken.is_none() && (kicked || self.throttled) {
                 self.drain();
+                self.resolve_zero_copy()?;
             }
             self.notify_if_needed();
         }
         // Cancel the eventfd reads still armed and wait for their completions.
         self.uring.shutdown().map_err(|e| self.uring_err(e))?;
+        self.stats.fixed_ios = self.uring.fixed_ops();
         let stats = std::mem::take(&mut self.stats);
         if let Some(reason) = self.broken.take() {
             return Err(WorkerError::Broken {
@@ -368,6 +399,37 @@ impl<E: QueueEdge> Worker<E> {
             next_used: self.queue.next_used(),
             stats,
         })
+    }
+
+    /// Ask the edge about zero copy until it knows; register the area as fixed buffers once
+    /// it is in use. A ring that refuses the registration keeps the vectored path (on the
+    /// same memory).
+    fn resolve_zero_copy(&mut self) -> Result<(), WorkerError> {
+        if !self.zero_copy_pending {
+            return Ok(());
+        }
+        let served = self.queue.next_avail() != self.first_avail;
+        match self.edge.zero_copy(served) {
+            ZeroCopy::Pending => return Ok(()),
+            ZeroCopy::Off => {}
+            ZeroCopy::On(umem) => {
+                if let Err(e) = self.uring.register_fixed(umem) {
+                    warn!(
+                        "queue {}: io_uring refused the zero-copy area as fixed buffers ({e}): \
+                         reads and writes use it through iovecs",
+                        self.index
+                    );
+                }
+            }
+            ZeroCopy::Failed(reason) => {
+                return Err(WorkerError::ZeroCopy {
+                    queue: self.index,
+                    reason,
+                })
+            }
+        }
+        self.zero_copy_pending = false;
+        Ok(())
     }
 
     /// Handle every completion; returns whether the driver kicked.

@@ -28,6 +28,8 @@ use io_uring::types::CancelBuilder;
 use io_uring::{opcode, squeue, types, IoUring};
 use log::{debug, warn};
 
+use crate::memory::umem::Umem;
+
 /// Set in every reserved token and in no request token.
 const RESERVED_BIT: u64 = 1 << 63;
 const OP_SHIFT: u32 = 16;
@@ -210,6 +212,11 @@ pub(crate) struct Uring {
     null: bool,
     /// `shutdown` failed once: the buffers are leaked and the ring is not waited on again.
     poisoned: bool,
+    /// The zero-copy area, registered as fixed buffers (slot i = its i-th GiB). Declared after
+    /// `ring`, so the mapping outlives the ring that references it.
+    fixed: Option<Umem>,
+    /// Reads and writes queued on fixed buffers.
+    fixed_ops: u64,
     /// Test hook: fail the wait after this many successful ones.
     #[cfg(test)]
     fail_wait_after: Option<usize>,
@@ -260,9 +267,37 @@ impl Uring {
             cq_capacity,
             null,
             poisoned: false,
+            fixed: None,
+            fixed_ops: 0,
             #[cfg(test)]
             fail_wait_after: None,
         })
+    }
+
+    /// Register `umem` as this ring's fixed buffers: from now on a one-segment read or write
+    /// inside it is a `READ_FIXED` / `WRITE_FIXED`.
+    pub(crate) fn register_fixed(&mut self, umem: Umem) -> io::Result<()> {
+        if self.fixed.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        let slots = umem.fixed_slots();
+        // SAFETY: every iovec covers part of `umem`'s mapping, which `self.fixed` keeps alive
+        // until after the ring is dropped (field order); the kernel pins the pages besides.
+        unsafe { self.ring.submitter().register_buffers(&slots) }?;
+        self.fixed = Some(umem);
+        Ok(())
+    }
+
+    /// Reads and writes queued on fixed buffers so far.
+    pub(crate) fn fixed_ops(&self) -> u64 {
+        self.fixed_ops
+    }
+
+    /// The fixed-buffer slot that holds all of `iov`, if the zero-copy area is registered.
+    fn fixed_slot(&self, iov: &libc::iovec) -> Option<u16> {
+        self.fixed
+            .as_ref()?
+            .slot_of(iov.iov_base.cast(), iov.iov_len)
     }
 
     /// Completions the CQ holds; the worker keeps its worst case below this.
@@ -354,6 +389,27 @@ impl Uring {
     ) -> Result<(), Rejected> {
         let fd = types::Fixed(0);
         let iov = &self.bufs.iovs[usize::from(token.slot())];
+        let fixed = match iov.as_slice() {
+            [one] => self.fixed_slot(one).map(|slot| (*one, slot)),
+            _ => None,
+        };
+        if let Some((one, slot)) = fixed {
+            let (ptr, len) = (one.iov_base.cast(), one.iov_len as u32);
+            let sqe = if write {
+                opcode::WriteFixed::new(fd, ptr, len, slot)
+                    .offset(offset)
+                    .build()
+            } else {
+                opcode::ReadFixed::new(fd, ptr, len, slot)
+                    .offset(offset)
+                    .build()
+            };
+            let r = self.push_request(token, sqe);
+            if r.is_ok() && !self.null {
+                self.fixed_ops += 1;
+            }
+            return r;
+        }
         let sqe = match (write, iov.as_slice()) {
             (false, [one]) => opcode::Read::new(fd, one.iov_base.cast(), one.iov_len as u32)
                 .offset(offset)

@@ -34,6 +34,8 @@ enum Ev {
     },
     StopRequested(u16),
     Stopped(u16),
+    /// `QueueWorkers::reset`: what an attach set up (zero copy) is undone.
+    Reset,
 }
 
 /// One item of the device's script.
@@ -171,6 +173,10 @@ impl QueueWorkers for FakeWorkers {
             _kick: kick,
             shared: Arc::clone(&self.shared),
         })
+    }
+
+    fn reset(&mut self) {
+        self.shared.record(Ev::Reset);
     }
 }
 
@@ -447,8 +453,8 @@ fn reset_stops_every_worker_before_the_reply_and_forgets_positions() {
     assert_eq!(result, u::VDUSE_REQ_RESULT_OK);
     assert_eq!(
         log[n..],
-        [Ev::StopRequested(1), Ev::Stopped(1)],
-        "queue 1 is stopped before the reply"
+        [Ev::StopRequested(1), Ev::Stopped(1), Ev::Reset],
+        "queue 1 is stopped, then the attach's set-up undone, before the reply"
     );
     // After the reset, DRIVER_OK starts again from the driver's positions, not the saved
     // ones, with new kick eventfds installed.

@@ -117,6 +117,28 @@ fv_jobs() {
 case_fio_verify() { fio_verify_with; }
 # The same with busy-polling workers (serve --poll-us): the poll loop serves every request.
 case_fio_verify_poll() { fio_verify_with --poll-us 50; }
+# The same through the kernel's bounce pages (mmap of IOTLB_GET_FD) instead of our umem.
+case_fio_verify_copy() { fio_verify_with --zero-copy off; }
+
+# fixed_ios NAME: the fixed-buffer I/O count of the stop line of daemon NAME ("-" if none).
+fixed_ios() {
+    _n=$(sed -n 's/^vduse-blkd: stopped: .* \([0-9][0-9]*\) on fixed buffers.*/\1/p' "/tmp/daemon.$1.err")
+    echo "${_n:--}"
+}
+
+# assert_zero_copy NAME on|off: the stopped daemon NAME did (on) or did not (off) use fixed
+# buffers: zero copy is the default where the kernel allows it (virtio_vdpa, 6.x and 7.x).
+assert_zero_copy() {
+    [ "$VM_BACKEND" = vduse-blkd ] || return 0
+    _n=$(fixed_ios "$1")
+    case "$2:$_n" in
+    *:-) show_tail "/tmp/daemon.$1.err"; fail "$1: no fixed-buffer count in the stop line" ;;
+    on:0) show_tail "/tmp/daemon.$1.err"; fail "$1: zero copy was expected, yet no I/O used fixed buffers" ;;
+    off:0) note "$1: no fixed-buffer I/O (zero copy off)" ;;
+    off:*) fail "$1: --zero-copy off, yet $_n I/Os used fixed buffers" ;;
+    on:*) note "$1: $_n I/Os on fixed buffers (zero copy)" ;;
+    esac
+}
 
 # fio_verify_with [SERVE-FLAGS...]
 fio_verify_with() {
@@ -134,6 +156,10 @@ fio_verify_with() {
     note "fio wrote ${written} MiB through $DEV and verified it"
     [ "$written" -ge 256 ] || fail "fio wrote only ${written} MiB (want >= 256)"
     stop_daemon fv
+    case " $* " in
+    *" --zero-copy off "*) assert_zero_copy fv off ;;
+    *) assert_zero_copy fv on ;;
+    esac
     # After shutdown: the file itself must hold every block fio wrote.
     if ! fv_jobs /tmp/fv.img psync 0 --verify_only >/tmp/fv2.fio 2>&1; then
         show_tail /tmp/fv2.fio
@@ -340,6 +366,58 @@ case_list_del() {
     rm -f /tmp/ld.img
 }
 
+# Zero copy survives a re-attach (vdpa dev del + add): 7.2 silently drops a registered umem
+# then, and a daemon that did not register again would serve stale memory (write errors,
+# wrong data). Data written before, after, and across the re-attach must all be there.
+case_zero_copy_readd() {
+    need_daemon
+    rm -f /tmp/zr.img
+    truncate -s 64M /tmp/zr.img
+    start_daemon zr /tmp/zr.img --queues 2 --zero-copy on
+    dd if=/dev/urandom of=/tmp/zr.a bs=1M count=8 2>/dev/null
+    dd if=/dev/urandom of=/tmp/zr.b bs=1M count=8 2>/dev/null
+    dd if=/tmp/zr.a of="$DEV" bs=1M oflag=direct 2>/dev/null || fail "write A to $DEV failed"
+    for round in 1 2; do
+        vdpa dev del zr || fail "round $round: vdpa dev del zr failed"
+        end=$(($(now) + 30))
+        while [ -n "$(vdpa_blockdev zr)" ] || [ -e /sys/bus/vdpa/devices/zr ]; do
+            [ "$(now)" -lt "$end" ] || fail "round $round: zr still on the bus 30 s after del"
+            sleep 0.1
+        done
+        vdpa dev add name zr mgmtdev vduse || fail "round $round: vdpa dev add zr failed"
+        drv=$(basename "$(readlink /sys/bus/vdpa/devices/zr/driver 2>/dev/null)")
+        if [ "$drv" = vhost_vdpa ]; then
+            echo zr >/sys/bus/vdpa/drivers/vhost_vdpa/unbind
+            echo zr >/sys/bus/vdpa/drivers/virtio_vdpa/bind
+        fi
+        end=$(($(now) + 30))
+        while [ -z "$(vdpa_blockdev zr)" ]; do
+            [ "$(now)" -lt "$end" ] || fail "round $round: no block device 30 s after vdpa dev add"
+            sleep 0.1
+        done
+        d=$(vdpa_blockdev zr)
+        [ "$(md5_range "$d" 0 8)" = "$(md5sum </tmp/zr.a | cut -d' ' -f1)" ] ||
+            fail "round $round: data written before the re-attach reads back differently"
+        dd if=/tmp/zr.b of="$d" bs=1M seek=$((8 * round)) oflag=direct 2>/dev/null ||
+            fail "round $round: write after the re-attach failed"
+        [ "$(md5_range "$d" $((8 * round)) 8)" = "$(md5sum </tmp/zr.b | cut -d' ' -f1)" ] ||
+            fail "round $round: data written after the re-attach reads back differently"
+        fio --filename="$d" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+            --offset=32M --size=16M --verify=crc32c --verify_fatal=1 --name=zr \
+            --output=/tmp/zr.fio >/dev/null 2>&1 ||
+            { show_tail /tmp/zr.fio; fail "round $round: fio verify after the re-attach failed"; }
+    done
+    stop_daemon zr
+    assert_zero_copy zr on
+    [ "$(md5_range /tmp/zr.img 0 8)" = "$(md5sum </tmp/zr.a | cut -d' ' -f1)" ] ||
+        fail "backing file does not hold A"
+    for round in 1 2; do
+        [ "$(md5_range /tmp/zr.img $((8 * round)) 8)" = "$(md5sum </tmp/zr.b | cut -d' ' -f1)" ] ||
+            fail "backing file does not hold B of round $round"
+    done
+    rm -f /tmp/zr.img /tmp/zr.a /tmp/zr.b
+}
+
 # --attach vhost hands the device to vhost_vdpa (no block device, a vhost-vdpa node);
 # --attach none leaves it off the bus until the user adds it; SIGTERM detaches either.
 case_attach_modes() {
@@ -487,6 +565,8 @@ want ext4 && run_case ext4 180 case_ext4
 want fio-verify && run_case fio-verify 300 case_fio_verify
 # (a vduse-blkd flag: not for the qsd backend)
 [ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-poll && run_case fio-verify-poll 300 case_fio_verify_poll
+[ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-copy && run_case fio-verify-copy 300 case_fio_verify_copy
+[ "$VM_BACKEND" = vduse-blkd ] && want zero-copy-readd && run_case zero-copy-readd 240 case_zero_copy_readd
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
 want attach-modes && run_case attach-modes 120 case_attach_modes
 want vhost-io && run_case vhost-io 300 case_vhost_io

@@ -7,6 +7,10 @@
 //! semantics, or I/O. All raw host pointers handed out here point into regions this space keeps
 //! alive; callers must keep the space (and so the regions) alive until the kernel is done with
 //! the pointers.
+//!
+//! [`umem`] is the zero-copy area: our own memory the kernel uses as its bounce buffer.
+
+pub mod umem;
 
 use std::sync::Arc;
 
