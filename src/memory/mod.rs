@@ -16,8 +16,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
+    Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
 };
 
 /// The collection of mapped regions, keyed by IOVA.
@@ -74,10 +73,19 @@ impl RegionSource for NoRegions {
     }
 }
 
+fn covers(r: &IovaRegion, iova: u64) -> bool {
+    r.start_addr().0 <= iova && iova <= r.last_addr().0
+}
+
 /// The mapped IOVA space of one worker.
 #[derive(Default)]
 pub struct IovaSpace {
     mem: IovaMemory,
+    /// The same regions as `mem`, as the `Arc`s a lookup can keep.
+    regions: Vec<Arc<IovaRegion>>,
+    /// The region the last lookup found: most accesses of a request (and of the next one)
+    /// fall in the same region, so a hit skips the search.
+    last: Option<Arc<IovaRegion>>,
 }
 
 impl IovaSpace {
@@ -94,15 +102,22 @@ impl IovaSpace {
     /// Drop every mapping.
     pub fn clear(&mut self) {
         self.mem = IovaMemory::default();
+        self.regions.clear();
+        self.last = None;
     }
 
     /// Add a region.
     pub fn insert(&mut self, region: IovaRegion) -> Result<(), MemoryError> {
+        self.insert_arc(Arc::new(region))
+    }
+
+    fn insert_arc(&mut self, region: Arc<IovaRegion>) -> Result<(), MemoryError> {
         let start = region.start_addr().0;
         self.mem = self
             .mem
-            .insert_region(Arc::new(region))
+            .insert_region(Arc::clone(&region))
             .map_err(|_| MemoryError::Overlap(start))?;
+        self.regions.push(region);
         Ok(())
     }
 
@@ -110,18 +125,31 @@ impl IovaSpace {
         &mut self,
         src: &mut dyn RegionSource,
         iova: u64,
-    ) -> Result<&IovaRegion, MemoryError> {
-        if self.mem.find_region(GuestAddress(iova)).is_none() {
-            let region = src.region_for(iova).ok_or(MemoryError::Unmapped(iova))?;
-            let covers = region.start_addr().0 <= iova && iova <= region.last_addr().0;
-            if !covers {
-                return Err(MemoryError::Unmapped(iova));
+    ) -> Result<Arc<IovaRegion>, MemoryError> {
+        if let Some(r) = &self.last {
+            if covers(r, iova) {
+                return Ok(Arc::clone(r));
             }
-            self.insert(region)?;
         }
-        self.mem
-            .find_region(GuestAddress(iova))
-            .ok_or(MemoryError::Unmapped(iova))
+        let found = self
+            .regions
+            .iter()
+            .find(|r| covers(r, iova))
+            .map(Arc::clone);
+        let region = match found {
+            Some(r) => r,
+            None => {
+                let region = src.region_for(iova).ok_or(MemoryError::Unmapped(iova))?;
+                if !covers(&region, iova) {
+                    return Err(MemoryError::Unmapped(iova));
+                }
+                let region = Arc::new(region);
+                self.insert_arc(Arc::clone(&region))?;
+                region
+            }
+        };
+        self.last = Some(Arc::clone(&region));
+        Ok(region)
     }
 
     /// Walk `[iova, iova+len)` region by region, mapping misses, checking access, and call
@@ -197,6 +225,11 @@ impl IovaSpace {
         iova: u64,
         buf: &mut [u8],
     ) -> Result<(), MemoryError> {
+        if let Some((r, off)) = self.within_one(src, iova, buf.len(), false)? {
+            return r
+                .read_slice(buf, MemoryRegionAddress(off))
+                .map_err(|_| MemoryError::Unmapped(iova));
+        }
         self.ensure(src, iova, buf.len() as u64, false)?;
         self.mem
             .read_slice(buf, GuestAddress(iova))
@@ -210,10 +243,45 @@ impl IovaSpace {
         iova: u64,
         buf: &[u8],
     ) -> Result<(), MemoryError> {
+        if let Some((r, off)) = self.within_one(src, iova, buf.len(), true)? {
+            return r
+                .write_slice(buf, MemoryRegionAddress(off))
+                .map_err(|_| MemoryError::Unmapped(iova));
+        }
         self.ensure(src, iova, buf.len() as u64, true)?;
         self.mem
             .write_slice(buf, GuestAddress(iova))
             .map_err(|_| MemoryError::Unmapped(iova))
+    }
+
+    /// The region and offset of `[iova, iova+len)` if one region holds all of it with the
+    /// access needed; `None` if it spans regions (the caller then goes piece by piece).
+    fn within_one(
+        &mut self,
+        src: &mut dyn RegionSource,
+        iova: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Option<(Arc<IovaRegion>, u64)>, MemoryError> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let r = self.region_at(src, iova)?;
+        if r.prot()
+            & if write {
+                libc::PROT_WRITE
+            } else {
+                libc::PROT_READ
+            }
+            == 0
+        {
+            return Err(MemoryError::Access { iova, write });
+        }
+        let off = iova - r.start_addr().0;
+        let fits = off
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= r.len());
+        Ok(fits.then_some((r, off)))
     }
 }
 
