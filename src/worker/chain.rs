@@ -69,6 +69,39 @@ pub fn read_descriptor(mem: &mut impl GuestRead, addr: u64) -> Option<Descriptor
     Some(desc)
 }
 
+/// Indirect tables of at most this many descriptors are read in one copy (onto the stack);
+/// larger ones descriptor by descriptor.
+const ONE_COPY_TABLE: usize = 128;
+
+/// An indirect table read in one copy.
+struct TableCopy {
+    bytes: [u8; ONE_COPY_TABLE * DESC_SIZE as usize],
+}
+
+impl TableCopy {
+    fn read(mem: &mut impl GuestRead, addr: u64, entries: u32) -> Option<Option<TableCopy>> {
+        let n = entries as usize;
+        if n > ONE_COPY_TABLE {
+            return Some(None);
+        }
+        let mut t = TableCopy {
+            bytes: [0; ONE_COPY_TABLE * DESC_SIZE as usize],
+        };
+        mem.read_at(addr, &mut t.bytes[..n * DESC_SIZE as usize])
+            .ok()?;
+        Some(Some(t))
+    }
+
+    /// Entry `i` (the caller keeps `i` below the table's length).
+    fn get(&self, i: u32) -> Descriptor {
+        let mut desc = Descriptor::default();
+        let at = i as usize * DESC_SIZE as usize;
+        desc.as_mut_slice()
+            .copy_from_slice(&self.bytes[at..at + DESC_SIZE as usize]);
+        desc
+    }
+}
+
 /// Walk the chain starting at `head` of the table at `table` (`size` entries), appending one
 /// [`Segment`] per data descriptor to `out` (cleared first).
 pub fn walk_chain(
@@ -87,6 +120,7 @@ pub fn walk_chain(
     let mut index = u32::from(head);
     let mut ttl = table_len;
     let mut indirect = false;
+    let mut copy: Option<TableCopy> = None;
     loop {
         if ttl == 0 {
             return Err(ChainError::Loop);
@@ -99,11 +133,14 @@ pub fn walk_chain(
             } else {
                 ChainError::TableUnreadable(table)
             })?;
-        let desc = read_descriptor(mem, addr).ok_or(if indirect {
-            ChainError::IndirectUnreadable(addr)
-        } else {
-            ChainError::TableUnreadable(addr)
-        })?;
+        let desc = match &copy {
+            Some(t) => t.get(index),
+            None => read_descriptor(mem, addr).ok_or(if indirect {
+                ChainError::IndirectUnreadable(addr)
+            } else {
+                ChainError::TableUnreadable(addr)
+            })?,
+        };
         let flags = desc.flags();
         if flags & VIRTQ_DESC_F_INDIRECT != 0 {
             if indirect {
@@ -116,6 +153,8 @@ pub fn walk_chain(
             indirect = true;
             table = desc.addr().0;
             table_len = (u64::from(len) / DESC_SIZE) as u32;
+            copy = TableCopy::read(mem, table, table_len)
+                .ok_or(ChainError::IndirectUnreadable(table))?;
             index = 0;
             ttl = table_len;
             continue;
@@ -150,9 +189,13 @@ mod tests {
         }
     }
     impl GuestRead for Table {
+        /// Whole descriptors only: one, or a run of them (an indirect table's one copy).
         fn read_at(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), u64> {
-            let d = self.0.get(&addr).ok_or(addr)?;
-            buf.copy_from_slice(d.as_slice());
+            for (i, piece) in buf.chunks_mut(16).enumerate() {
+                let at = addr + i as u64 * 16;
+                let d = self.0.get(&at).ok_or(at)?;
+                piece.copy_from_slice(d.as_slice());
+            }
             Ok(())
         }
     }
