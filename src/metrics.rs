@@ -2,7 +2,8 @@
 //!
 //! Owns: what a worker counts (requests by kind, bytes, errors, kicks, batches, interrupts)
 //! and the request latency histogram (pop from the avail ring to publication in the used
-//! ring, nanoseconds). Each worker owns its own [`QueueStats`] (no atomics on the hot path);
+//! ring, nanoseconds; the worker reads the clock once per batch, so a request's start is
+//! its pop batch's and its end its completion batch's). Each worker owns its own [`QueueStats`] (no atomics on the hot path);
 //! they are merged when workers stop. Must not touch: queues, files or the kernel.
 
 use hdrhistogram::Histogram;

@@ -212,6 +212,9 @@ struct Worker<E: QueueEdge> {
     zero_copy_pending: bool,
     /// Where this worker started in the avail ring (it has served requests once it moved).
     first_avail: u16,
+    /// One clock reading per batch: taken when a drain starts popping and when a batch of
+    /// completions is reaped; requests started or finished in that batch use it.
+    now: Instant,
 }
 
 impl<E: QueueEdge> Drop for Worker<E> {
@@ -336,6 +339,7 @@ impl<E: QueueEdge> Worker<E> {
             poll,
             zero_copy_pending: true,
             first_avail: setup.next_avail,
+            now: Instant::now(),
         })
     }
 
@@ -435,6 +439,9 @@ impl<E: QueueEdge> Worker<E> {
     /// Handle every completion; returns whether the driver kicked.
     fn reap(&mut self) -> Result<bool, WorkerError> {
         self.uring.reap(&mut self.cqes);
+        if !self.cqes.is_empty() {
+            self.now = Instant::now();
+        }
         let mut kicked = false;
         for i in 0..self.cqes.len() {
             match self.cqes[i] {
@@ -492,6 +499,7 @@ impl<E: QueueEdge> Worker<E> {
     /// Start every request the avail ring holds. `false` when the worker must stop looking
     /// for now: the ring is broken, or the completion queue has no room (`throttled`).
     fn pop_all(&mut self) -> bool {
+        self.now = Instant::now();
         loop {
             if self.reserved_ops + MAX_OPS_PER_REQUEST + ARMED_READS > self.uring.cq_capacity() {
                 self.throttled = true;
@@ -549,7 +557,7 @@ impl<E: QueueEdge> Worker<E> {
     }
 
     fn start_request(&mut self, head: u16) {
-        let started = Instant::now();
+        let started = self.now;
         // A head still in flight is a duplicate whatever its chain looks like now: check
         // before walking, so that no path below can publish a used entry for it.
         // (An out-of-range head has no slot; the walk reports it.)
@@ -642,7 +650,7 @@ impl<E: QueueEdge> Worker<E> {
         if let Some(t) = started {
             self.stats
                 .latency
-                .saturating_record(t.elapsed().as_nanos() as u64);
+                .saturating_record(self.now.saturating_duration_since(t).as_nanos() as u64);
         }
         self.publish(head, used_len);
     }
