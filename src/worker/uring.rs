@@ -25,7 +25,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
 
 use io_uring::types::CancelBuilder;
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring, Probe};
 use log::{debug, warn};
 
 use crate::memory::umem::Umem;
@@ -215,6 +215,8 @@ pub(crate) struct Uring {
     /// The zero-copy area, registered as fixed buffers (slot i = its i-th GiB). Declared after
     /// `ring`, so the mapping outlives the ring that references it.
     fixed: Option<Umem>,
+    /// The kernel has READ_FIXED and WRITE_FIXED.
+    fixed_ok: bool,
     /// Reads and writes queued on fixed buffers.
     fixed_ops: u64,
     /// Test hook: fail the wait after this many successful ones.
@@ -248,10 +250,50 @@ fn ring_for(size: u16) -> io::Result<(IoUring, usize)> {
     Ok((ring, cq as usize))
 }
 
+/// Every opcode a worker queues without a fallback, by name.
+const REQUIRED_OPS: [(u8, &str); 8] = [
+    (opcode::Nop::CODE, "NOP"),
+    (opcode::Read::CODE, "READ"),
+    (opcode::Write::CODE, "WRITE"),
+    (opcode::Readv::CODE, "READV"),
+    (opcode::Writev::CODE, "WRITEV"),
+    (opcode::Fsync::CODE, "FSYNC"),
+    (opcode::Fallocate::CODE, "FALLOCATE"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+];
+
+/// Ask the kernel which opcodes it has: a missing required one is a clear error at start
+/// (not an EINVAL per request later); returns whether the fixed-buffer forms exist.
+fn probe(ring: &IoUring) -> io::Result<bool> {
+    let mut p = Probe::new();
+    ring.submitter().register_probe(&mut p).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("io_uring cannot tell its opcodes (IORING_REGISTER_PROBE: {e}; Linux 5.6+)"),
+        )
+    })?;
+    let missing: Vec<&str> = REQUIRED_OPS
+        .iter()
+        .filter(|(op, _)| !p.is_supported(*op))
+        .map(|(_, name)| *name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "this kernel's io_uring lacks IORING_OP_{}",
+                missing.join(", IORING_OP_")
+            ),
+        ));
+    }
+    Ok(p.is_supported(opcode::ReadFixed::CODE) && p.is_supported(opcode::WriteFixed::CODE))
+}
+
 impl Uring {
     /// A ring for a queue of `size` slots, with `backing` registered as fixed file 0.
     pub(crate) fn new(size: u16, backing: RawFd, null: bool) -> io::Result<Self> {
         let (ring, cq_capacity) = ring_for(size)?;
+        let fixed_ok = probe(&ring)?;
         ring.submitter().register_files(&[backing])?;
         let slots = usize::from(size);
         Ok(Uring {
@@ -268,6 +310,7 @@ impl Uring {
             null,
             poisoned: false,
             fixed: None,
+            fixed_ok,
             fixed_ops: 0,
             #[cfg(test)]
             fail_wait_after: None,
@@ -279,6 +322,12 @@ impl Uring {
     pub(crate) fn register_fixed(&mut self, umem: Umem) -> io::Result<()> {
         if self.fixed.is_some() {
             return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        if !self.fixed_ok {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel's io_uring has no READ_FIXED / WRITE_FIXED",
+            ));
         }
         let slots = umem.fixed_slots();
         // SAFETY: every iovec covers part of `umem`'s mapping, which `self.fixed` keeps alive
