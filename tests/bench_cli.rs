@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 /// Every key of the JSON report, sorted: adding or renaming one is a decision for the perf/
 /// scripts and perf/RESULTS.md.
-const KEYS: [&str; 23] = [
+const KEYS: [&str; 24] = [
     "backing",
     "bs",
     "chains",
@@ -15,6 +15,7 @@ const KEYS: [&str; 23] = [
     "direct",
     "driver_cpus",
     "errors",
+    "fixed_ios",
     "interrupts",
     "iops",
     "kicks",

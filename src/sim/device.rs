@@ -178,7 +178,7 @@ impl SimDevice {
         });
         let mem = SimMemory::new();
         mem.add_heap(HEAP_BASE, cfg.heap_len)?;
-        mem.set_zero_copy(cfg.zero_copy);
+        mem.set_zero_copy(cfg.zero_copy.then_some(HEAP_BASE));
         let mut queues = Vec::new();
         for q in 0..cfg.queues {
             let base = RING_BASE + u64::from(q) * RING_STRIDE;

@@ -115,8 +115,8 @@ struct Inner {
     /// The driver's read-write view of every region, keyed by IOVA.
     driver: GuestMemoryMmap<()>,
     heap: Option<Heap>,
-    /// Offer the heap region to workers as their zero-copy area.
-    zero_copy: bool,
+    /// The region (by IOVA) offered to workers connected from now on as their zero-copy area.
+    zero_copy: Option<u64>,
 }
 
 /// The driver's memory: a set of regions at chosen IOVAs, shared with the workers' edges.
@@ -142,7 +142,7 @@ impl SimMemory {
                 regions: Vec::new(),
                 driver: GuestMemoryMmap::default(),
                 heap: None,
-                zero_copy: false,
+                zero_copy: None,
             })),
             lookups: Arc::new(AtomicU64::new(0)),
         }
@@ -199,16 +199,16 @@ impl SimMemory {
         Ok(())
     }
 
-    /// Offer (or stop offering) the heap region to workers as a zero-copy area: what VDUSE's
-    /// registered umem is to a real device.
-    pub fn set_zero_copy(&self, on: bool) {
-        self.lock().zero_copy = on;
+    /// Offer the region that starts at `iova` (or none) to workers connected from now on as
+    /// their zero-copy area: what VDUSE's registered umem is to a real device.
+    pub fn set_zero_copy(&self, iova: Option<u64>) {
+        self.lock().zero_copy = iova;
     }
 
-    /// The heap region's device mapping as a zero-copy area, if offered.
+    /// The offered region's device mapping as a zero-copy area.
     pub fn zero_copy_area(&self) -> Option<Umem> {
         let inner = self.lock();
-        let base = inner.heap.as_ref().filter(|_| inner.zero_copy)?.base;
+        let base = inner.zero_copy?;
         let r = inner.regions.iter().find(|r| r.iova == base)?;
         Some(Umem::over(Arc::clone(&r.device)))
     }

@@ -21,6 +21,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::memory::SimMemory;
 use super::SimError;
+use crate::memory::umem::Umem;
 use crate::memory::{IovaRegion, RegionSource};
 use crate::worker::{QueueEdge, QueueSetup, ZeroCopy};
 
@@ -119,6 +120,8 @@ pub struct SimEdge {
     pub mem: SimMemory,
     /// Where interrupts go.
     pub irq: Arc<SimIrq>,
+    /// The zero-copy area offered when the edge was made ([`SimMemory::set_zero_copy`]).
+    pub umem: Option<Umem>,
 }
 
 impl RegionSource for SimEdge {
@@ -399,6 +402,7 @@ impl SimQueue {
             SimEdge {
                 mem: self.mem.clone(),
                 irq: Arc::clone(&self.irq),
+                umem: self.mem.zero_copy_area(),
             },
         ))
     }

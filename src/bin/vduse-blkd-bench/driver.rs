@@ -382,6 +382,8 @@ pub fn build_queue(
     let meta = (depth as u64 * u64::from(o.bs)).div_ceil(PAGE) * PAGE;
     let buf_len = meta + (depth as u64 * META).div_ceil(PAGE) * PAGE;
     mem.add_region(buf_base, buf_len, PROT_RW)?;
+    // The queue's buffers are its worker's zero-copy area (fixed buffers), as umem is.
+    mem.set_zero_copy(o.zero_copy.then_some(buf_base));
     let mut source = mem.clone();
     let region = |src: &mut SimMemory, iova| {
         src.region_for(iova)

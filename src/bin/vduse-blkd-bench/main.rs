@@ -98,6 +98,10 @@ struct Args {
     /// The workers' busy-poll window in microseconds (`serve --poll-us`); 0: none.
     #[arg(long, default_value_t = 0, value_name = "US")]
     poll_us: u64,
+    /// Register each queue's buffers with its worker's io_uring as fixed buffers (what
+    /// `serve --zero-copy` does with VDUSE's umem): one-segment I/O becomes READ/WRITE_FIXED.
+    #[arg(long)]
+    zero_copy: bool,
     /// Thread placement (CPU numbers are taken mod the CPUs this process may use).
     #[arg(long, value_enum, default_value_t = Pin::Auto)]
     pin: Pin,
@@ -174,6 +178,7 @@ impl Args {
                 Wait::Poll => WaitMode::Poll,
             },
             worker_poll: Duration::from_micros(self.poll_us),
+            zero_copy: self.zero_copy,
             pinning: match (self.worker_cpus, self.driver_cpus, self.pin) {
                 (Some(w), Some(d), _) => Pinning::Lists(w, d),
                 (_, _, Pin::Auto) => Pinning::Auto,

@@ -135,6 +135,8 @@ pub struct BenchOptions {
     pub wait: WaitMode,
     /// The workers' busy-poll window (zero: they park at once).
     pub worker_poll: Duration,
+    /// Offer each queue's buffers to its worker as a zero-copy area (io_uring fixed buffers).
+    pub zero_copy: bool,
     /// CPU placement.
     pub pinning: Pinning,
 }
@@ -160,6 +162,7 @@ impl BenchOptions {
             indirect: true,
             wait: WaitMode::Irq,
             worker_poll: Duration::ZERO,
+            zero_copy: false,
             pinning: Pinning::Auto,
         }
     }

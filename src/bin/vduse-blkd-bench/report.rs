@@ -9,8 +9,8 @@ use crate::options::{BenchOptions, Pattern, WaitMode};
 
 /// The result. The first eleven fields are the stable JSON keys.
 ///
-/// Numbers in JSON: counts (`iops`, `requests`, `errors`, `kicks`, `interrupts`, `queues`,
-/// `depth`, `bs`) are integers; `mib_s` is rounded to 0.1 MiB/s; every `*_us` latency is in
+/// Numbers in JSON: counts (`iops`, `requests`, `errors`, `kicks`, `interrupts`,
+/// `fixed_ios`, `queues`, `depth`, `bs`) are integers; `mib_s` is rounded to 0.1 MiB/s; every `*_us` latency is in
 /// microseconds rounded to 0.01 µs (10 ns, the resolution the text output prints; the
 /// histograms keep 3 significant digits); `seconds` is the measured window as given.
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +51,8 @@ pub struct BenchReport {
     pub kicks: u64,
     /// Interrupts the workers raised, whole run.
     pub interrupts: u64,
+    /// Reads and writes the workers did on fixed buffers (`--zero-copy`).
+    pub fixed_ios: u64,
     /// Worker-side latency (avail pop → used publication), whole run, microseconds.
     pub worker_p50_us: f64,
     /// Worker-side 99th percentile.
@@ -118,6 +120,7 @@ impl BenchReport {
             errors: t.errors,
             kicks: t.stats.kicks,
             interrupts: t.stats.interrupts,
+            fixed_ios: t.stats.fixed_ios,
             worker_p50_us: round_to(w.p50_us, 2),
             worker_p99_us: round_to(w.p99_us, 2),
             worker_p999_us: round_to(w.p999_us, 2),
@@ -144,7 +147,8 @@ impl BenchReport {
              iops {iops}  MiB/s {mib:.1}  requests {req}  errors {err}\n\
              latency (driver: publish -> used seen) us: p50 {p50:.2}  p99 {p99:.2}  p99.9 {p999:.2}\n\
              latency (worker: pop -> used published) us: p50 {wp50:.2}  p99 {wp99:.2}  p99.9 {wp999:.2}\n\
-             kicks {kicks}  interrupts {irqs}  worker cpus {wc}  driver cpus {dc}",
+             kicks {kicks}  interrupts {irqs}  fixed-buffer I/Os {fixed}  worker cpus {wc}  \
+             driver cpus {dc}",
             rw = self.rw,
             bs = self.bs,
             depth = self.depth,
@@ -166,6 +170,7 @@ impl BenchReport {
             wp999 = self.worker_p999_us,
             kicks = self.kicks,
             irqs = self.interrupts,
+            fixed = self.fixed_ios,
             wc = cpus(&self.worker_cpus),
             dc = cpus(&self.driver_cpus),
         )
