@@ -82,6 +82,14 @@ pub enum BackendError {
         /// The requested size.
         requested: u64,
     },
+    /// An online resize that this backing cannot take.
+    #[error("cannot resize {path}: {why}")]
+    Resize {
+        /// The path.
+        path: PathBuf,
+        /// Why not.
+        why: String,
+    },
 }
 
 /// An open backing store.
@@ -118,7 +126,8 @@ fn block_device_size(f: &File) -> io::Result<u64> {
     Ok(size)
 }
 
-fn check_size(size: u64, block_size: u32) -> Result<(), BackendError> {
+/// A capacity must be non-zero and a multiple of the block size.
+pub fn check_size(size: u64, block_size: u32) -> Result<(), BackendError> {
     if size == 0 {
         return Err(BackendError::ZeroSize);
     }
@@ -298,6 +307,39 @@ impl Backend {
     /// The file descriptor (workers register it with their rings).
     pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// Make the backing `bytes` long for an online resize: a file is extended or truncated
+    /// (sparse); a block device cannot be resized from here, but one that was grown
+    /// underneath (an LV extended) is taken at its new size. `bytes` is checked against
+    /// `block_size` first.
+    pub fn set_size(&self, bytes: u64, block_size: u32) -> Result<(), BackendError> {
+        check_size(bytes, block_size)?;
+        let refuse = |why: String| BackendError::Resize {
+            path: self.path.clone(),
+            why,
+        };
+        if self.read_only {
+            return Err(refuse("the device is read-only".into()));
+        }
+        match self.kind {
+            BackingKind::File => self
+                .file
+                .set_len(bytes)
+                .map_err(|e| refuse(format!("cannot set the file's length: {e}"))),
+            BackingKind::BlockDevice => {
+                let now = block_device_size(&self.file).map_err(|e| refuse(e.to_string()))?;
+                if now == bytes {
+                    Ok(())
+                } else {
+                    Err(refuse(format!(
+                        "a block device's size is its own ({now} bytes now): grow the device \
+                         first, then resize to its size"
+                    )))
+                }
+            }
+            BackingKind::Null => Err(refuse("the null backing has no size to change".into())),
+        }
     }
 
     /// Remove the file if this process created it (start-up failed after opening).

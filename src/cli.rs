@@ -21,6 +21,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::backend::BackingSpec;
 use crate::control::daemon::{self, AttachMode, ServeOptions, ZeroCopyMode};
 use crate::control::probe;
+use crate::control::socket;
 
 /// Serve a file or block device as a virtio-blk device through VDUSE, with an io_uring data
 /// path.
@@ -111,6 +112,10 @@ pub struct ServeArgs {
     /// the bounce size (raised when allowed). The stop line counts the fixed-buffer I/Os.
     #[arg(long, value_enum, default_value_t = ZeroCopyArg::Auto)]
     pub zero_copy: ZeroCopyArg,
+    /// Directory of the control socket NAME.sock (mode 0600), which `vduse-blkd resize`
+    /// talks to; it exists while the daemon serves and is removed at exit.
+    #[arg(long, value_name = "DIR", default_value = socket::RUN_DIR)]
+    pub run_dir: PathBuf,
 }
 
 /// The subcommands.
@@ -141,6 +146,25 @@ pub enum Command {
     Del {
         /// The device name.
         name: String,
+    },
+    /// Change the capacity of a running device, online: a backing file is extended (or,
+    /// with --force, truncated), the config space updated and the config interrupt
+    /// injected, so the driver sees the new size while I/O goes on. A block device must
+    /// have been grown first; SIZE is then its new size.
+    Resize {
+        /// The device name (of a running `serve`).
+        name: String,
+        /// The new size, e.g. 1G, 20G (K/M/G/T are powers of 1024); a multiple of the block
+        /// size.
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        /// Allow shrinking: data past the new end is discarded (and a write already admitted
+        /// past it may extend the file again).
+        #[arg(long)]
+        force: bool,
+        /// Where the daemon's control socket is (serve --run-dir).
+        #[arg(long, value_name = "DIR", default_value = socket::RUN_DIR)]
+        run_dir: PathBuf,
     },
 }
 
@@ -200,6 +224,12 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Probe { json } => run_probe(json),
         Command::List => run_list(),
         Command::Del { name } => run_del(&name),
+        Command::Resize {
+            name,
+            size,
+            force,
+            run_dir,
+        } => run_resize(&run_dir, &name, size, force),
     }
 }
 
@@ -225,6 +255,7 @@ impl ServeArgs {
                 Attach::None => AttachMode::None,
             },
             api_version: self.api_version,
+            run_dir: self.run_dir,
             zero_copy: match self.zero_copy {
                 ZeroCopyArg::Auto => ZeroCopyMode::Auto,
                 ZeroCopyArg::On => ZeroCopyMode::On,
@@ -298,6 +329,24 @@ fn run_list() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn run_resize(run_dir: &std::path::Path, name: &str, bytes: u64, force: bool) -> ExitCode {
+    match socket::call(run_dir, name, &socket::Request::Resize { bytes, force }) {
+        Ok(r) if r.ok => {
+            let _ = writeln!(
+                std::io::stdout(),
+                "{name}: capacity {} bytes",
+                r.capacity.unwrap_or(bytes)
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(r) => fail(format!(
+            "{name}: {}",
+            r.error.unwrap_or_else(|| "refused".into())
+        )),
+        Err(e) => fail(format!("{name}: {e}")),
+    }
+}
+
 fn run_del(name: &str) -> ExitCode {
     match daemon::del(name) {
         Ok(()) => ExitCode::SUCCESS,
@@ -340,6 +389,18 @@ mod tests {
             Cli::try_parse_from(["vduse-blkd", "serve", "f", "--name", "a", "--cpus", "2-1"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn resize_takes_a_name_a_size_and_force() {
+        let cli = Cli::try_parse_from(["vduse-blkd", "resize", "d0", "20G", "--force"]).unwrap();
+        match cli.command {
+            Command::Resize {
+                name, size, force, ..
+            } => assert_eq!((name.as_str(), size, force), ("d0", 20 << 30, true)),
+            c => panic!("{c:?}"),
+        }
+        assert!(Cli::try_parse_from(["vduse-blkd", "resize", "d0", "big"]).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use super::device::{
 };
 use super::fd::{ControlFd, DeviceFd, CONTROL_PATH};
 use super::netlink::{NetlinkError, VdpaNetlink};
+use super::socket::{ControlSocket, Reply, Request, SocketError};
 use super::sysfs;
 pub use super::zerocopy::ZeroCopyMode;
 use crate::backend::{Backend, BackendError, BackingSpec};
@@ -76,6 +77,8 @@ pub struct ServeOptions {
     pub api_version: Option<u64>,
     /// Our own memory as the bounce buffer, registered with io_uring (`--zero-copy`).
     pub zero_copy: ZeroCopyMode,
+    /// Directory of the control socket `NAME.sock` (`--run-dir`).
+    pub run_dir: PathBuf,
 }
 
 /// Why a command failed. Each message is one line a user can act on.
@@ -84,6 +87,9 @@ pub enum DaemonError {
     /// Bad device name.
     #[error("{0}")]
     Name(String),
+    /// The control socket cannot be bound, or (client side) reached.
+    #[error("control socket: {0}")]
+    Socket(SocketError),
     /// Bad queue or device parameters.
     #[error("{0}")]
     Params(String),
@@ -394,6 +400,10 @@ struct Serving<'a> {
     events: Option<EventReceiver>,
     lp: Option<LoopHandle>,
     dev: Option<Arc<DeviceFd>>,
+    /// What the workers share (the capacity a resize changes).
+    io: Option<Arc<DeviceIo>>,
+    /// Removed (dropped) with the rest at teardown.
+    socket: Option<ControlSocket>,
     /// Dropped last: DESTROY_DEV and the backing file.
     created: Created<'a>,
 }
@@ -414,8 +424,10 @@ impl Serving<'_> {
             }
             self.attached = false;
         }
+        self.socket = None;
         let stats = self.lp.take().map(LoopHandle::stop).unwrap_or_default();
         self.dev = None;
+        self.io = None;
         let destroyed = self.created.destroy();
         if self.served {
             // The device was usable: a file it created holds data now, whatever happens next.
@@ -452,6 +464,8 @@ fn create<'a>(
         events: None,
         lp: None,
         dev: None,
+        io: None,
+        socket: None,
         created: Created {
             control,
             name: name_buf,
@@ -531,7 +545,8 @@ fn start_loop(
     let id = o.serial.as_deref().unwrap_or(&o.name).as_bytes();
     let n = id.len().min(VIRTIO_BLK_ID_BYTES);
     serial[..n].copy_from_slice(&id[..n]);
-    let io = Arc::new(DeviceIo { backend, serial });
+    let io = Arc::new(DeviceIo::new(backend, serial));
+    s.io = Some(Arc::clone(&io));
     let cpus = if o.cpus.is_empty() {
         allowed_cpus()
     } else {
@@ -568,6 +583,8 @@ fn attach_and_wait(
     s: &mut Serving<'_>,
     signals: &SignalFd,
 ) -> Result<(), DaemonError> {
+    // Bound before the device is on the bus, so that it answers once `ready` is printed.
+    s.socket = Some(ControlSocket::bind(&o.run_dir, &o.name).map_err(DaemonError::Socket)?);
     let dev_path = match (o.attach, s.nl.as_ref()) {
         (AttachMode::None, _) | (_, None) => "-".to_string(),
         (mode, Some(nl)) => attach(&o.name, mode, nl, &mut s.attached)?,
@@ -580,7 +597,74 @@ fn attach_and_wait(
     // From here on the file holds the user's data: never remove it.
     s.served = true;
     let events = s.events.as_ref().expect("the loop runs before attaching");
-    wait_for_end(signals, events)
+    let socket = s.socket.as_ref().expect("bound above");
+    let mut handle = |req: Request| match req {
+        Request::Resize { bytes, force } => match (s.io.as_deref(), s.dev.as_deref()) {
+            (Some(io), Some(dev)) => {
+                let tell = |bytes: u64| {
+                    dev.update_config(0, &(bytes / 512).to_le_bytes())
+                        .map_err(|e| format!("the driver was not told the new size: {e}"))
+                };
+                let r = resize(io, o.backing.block_size, bytes, force, &tell);
+                if r.ok {
+                    info!("{}: capacity now {bytes} bytes", o.name);
+                }
+                r
+            }
+            _ => Reply::refused("the device is not running"),
+        },
+    };
+    wait_for_end(signals, events, socket, &mut handle)
+}
+
+/// An online resize: grow the backing, then let requests reach the new end, then tell the
+/// driver (config space capacity + config interrupt); a forced shrink goes the other way
+/// round, so no admitted request is checked against a capacity the file no longer has.
+/// (A write admitted before a shrink may still extend the file again: that is what
+/// `--force` accepts.)
+fn resize(
+    io: &DeviceIo,
+    block_size: u32,
+    bytes: u64,
+    force: bool,
+    tell: &dyn Fn(u64) -> Result<(), String>,
+) -> Reply {
+    let now = io.capacity();
+    if bytes < now && !force {
+        return Reply::refused(format!(
+            "shrinking from {now} to {bytes} bytes discards data at the end: add --force"
+        ));
+    }
+    let set_size = || {
+        io.backend
+            .set_size(bytes, block_size)
+            .map_err(|e| e.to_string())
+    };
+    let done = if bytes >= now {
+        set_size().and_then(|()| {
+            io.set_capacity(bytes);
+            tell(bytes)
+        })
+    } else {
+        crate::backend::check_size(bytes, block_size)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                io.set_capacity(bytes);
+                tell(bytes)
+            })
+            .and_then(|()| set_size())
+    };
+    match done {
+        Ok(()) => Reply {
+            ok: true,
+            error: None,
+            capacity: Some(bytes),
+        },
+        Err(e) => Reply {
+            capacity: Some(io.capacity()),
+            ..Reply::refused(e)
+        },
+    }
 }
 
 /// Put the device on the vdpa bus for `mode`'s driver; the block device's path (virtio)
@@ -627,7 +711,12 @@ fn attach(
 
 /// Block until a termination signal or a fatal device event. Sleeps in `poll` on the
 /// signalfd and the event channel's eventfd: no timeout.
-fn wait_for_end(signals: &SignalFd, events: &EventReceiver) -> Result<(), DaemonError> {
+fn wait_for_end(
+    signals: &SignalFd,
+    events: &EventReceiver,
+    socket: &ControlSocket,
+    handle: &mut dyn FnMut(Request) -> Reply,
+) -> Result<(), DaemonError> {
     loop {
         if let Some(ev) = events.try_recv() {
             return Err(match ev {
@@ -637,6 +726,7 @@ fn wait_for_end(signals: &SignalFd, events: &EventReceiver) -> Result<(), Daemon
         let mut fds = [
             PollFd::new(signals.as_fd(), PollFlags::POLLIN),
             PollFd::new(events.as_fd(), PollFlags::POLLIN),
+            PollFd::new(socket.as_fd(), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
@@ -654,6 +744,9 @@ fn wait_for_end(signals: &SignalFd, events: &EventReceiver) -> Result<(), Daemon
             // A fatal event wins over a signal that arrived with it.
             events.clear();
             continue;
+        }
+        if readable(&fds[2]) {
+            socket.serve_pending(handle);
         }
         if readable(&fds[0]) {
             if let Ok(Some(sig)) = signals.read_signal() {
@@ -762,6 +855,7 @@ mod tests {
             attach: AttachMode::Virtio,
             api_version: None,
             zero_copy: ZeroCopyMode::Auto,
+            run_dir: PathBuf::from(crate::control::socket::RUN_DIR),
         }
     }
 
@@ -811,6 +905,61 @@ mod tests {
             "{e}"
         );
         assert!(!o.backing.path.exists(), "nothing is left behind");
+    }
+
+    /// The order of a resize: growing extends the file before requests may reach the new
+    /// end and before the driver hears of it; a forced shrink lowers the limit and tells the
+    /// driver before it truncates; refusals change nothing.
+    #[test]
+    fn resize_orders_file_limit_and_driver() {
+        use std::cell::RefCell;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("r.img");
+        let spec = BackingSpec {
+            path: path.clone(),
+            size: Some(1 << 20),
+            read_only: false,
+            direct: None,
+            block_size: 512,
+        };
+        let io = DeviceIo::new(Arc::new(Backend::open(&spec).unwrap()), [0; 20]);
+        let seen = RefCell::new(Vec::new());
+        let tell = |bytes: u64| {
+            let file = std::fs::metadata(&path).unwrap().len();
+            seen.borrow_mut().push((bytes, file, io.capacity()));
+            Ok(())
+        };
+        let r = resize(&io, 512, 4 << 20, false, &tell);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(seen.borrow()[..], [(4 << 20, 4 << 20, 4 << 20)]);
+        for (bytes, force, why) in [
+            (2 << 20, false, "add --force"),
+            ((4 << 20) + 100, false, "multiple of the block size"),
+            (0, true, "zero"),
+        ] {
+            let r = resize(&io, 512, bytes, force, &tell);
+            assert!(!r.ok && r.error.as_deref().unwrap().contains(why), "{r:?}");
+            assert_eq!(io.capacity(), 4 << 20);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+        }
+        let r = resize(&io, 512, 2 << 20, true, &tell);
+        assert!(r.ok, "{r:?}");
+        // Told at the new size while the file still had the old one.
+        assert_eq!(seen.borrow()[1], (2 << 20, 4 << 20, 2 << 20));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 << 20);
+        let ro = DeviceIo::new(
+            Arc::new(
+                Backend::open(&BackingSpec {
+                    read_only: true,
+                    size: None,
+                    ..spec
+                })
+                .unwrap(),
+            ),
+            [0; 20],
+        );
+        let r = resize(&ro, 512, 8 << 20, false, &tell);
+        assert!(!r.ok && r.error.unwrap().contains("read-only"));
     }
 
     #[test]

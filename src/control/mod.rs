@@ -10,6 +10,7 @@
 //!   module files, `modprobe`).
 //! - [`daemon`]: the commands' lifecycles (`serve`, `list`, `del`).
 //! - [`probe`]: `probe`: what the kernel offers and what is missing.
+//! - [`socket`]: the control socket (`RUN_DIR/NAME.sock`) and its client.
 //! - [`zerocopy`]: our own memory as the bounce buffer (`REG_UMEM`), shared by a device's
 //!   workers.
 //!
@@ -21,5 +22,6 @@ pub mod fd;
 pub mod host;
 pub mod netlink;
 pub mod probe;
+pub mod socket;
 pub mod sysfs;
 pub mod zerocopy;

@@ -43,10 +43,7 @@ impl BackedQueue {
         let mut queue = SimQueue::new(mem.clone(), 0, queue_size, layout, event_idx)?;
         let setup = queue.setup(0, 0);
         let (kick, edge) = queue.connect()?;
-        let io = Arc::new(DeviceIo {
-            backend: Arc::new(backend),
-            serial: [0u8; VIRTIO_BLK_ID_BYTES],
-        });
+        let io = Arc::new(DeviceIo::new(Arc::new(backend), [0u8; VIRTIO_BLK_ID_BYTES]));
         let opts = WorkerOptions {
             cpu: None,
             name: "sim_backed_q0".into(),

@@ -172,10 +172,7 @@ impl SimDevice {
             block_size: 512,
         })
         .map_err(|e| SimError::Unexpected(e.to_string()))?;
-        let io = Arc::new(DeviceIo {
-            backend: Arc::new(backend),
-            serial: cfg.serial,
-        });
+        let io = Arc::new(DeviceIo::new(Arc::new(backend), cfg.serial));
         let mem = SimMemory::new();
         mem.add_heap(HEAP_BASE, cfg.heap_len)?;
         mem.set_zero_copy(cfg.zero_copy.then_some(HEAP_BASE));

@@ -40,6 +40,7 @@ mod uring;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,12 +132,35 @@ pub struct DeviceIo {
     pub backend: Arc<Backend>,
     /// GET_ID answer (NUL padded).
     pub serial: [u8; VIRTIO_BLK_ID_BYTES],
+    /// Capacity in bytes now (starts as the backend's; an online resize changes it).
+    /// Workers read it once per batch.
+    capacity: AtomicU64,
 }
 
 impl DeviceIo {
+    /// What the workers of `backend` share.
+    pub fn new(backend: Arc<Backend>, serial: [u8; VIRTIO_BLK_ID_BYTES]) -> Self {
+        let capacity = AtomicU64::new(backend.capacity);
+        DeviceIo {
+            backend,
+            serial,
+            capacity,
+        }
+    }
+
+    /// Capacity in bytes now.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Change the capacity requests are checked against (from the next batch on).
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes, Ordering::Relaxed);
+    }
+
     fn limits(&self) -> DeviceLimits {
         DeviceLimits {
-            capacity: self.backend.capacity,
+            capacity: self.capacity(),
             read_only: self.backend.read_only,
         }
     }
@@ -500,6 +524,7 @@ impl<E: QueueEdge> Worker<E> {
     /// for now: the ring is broken, or the completion queue has no room (`throttled`).
     fn pop_all(&mut self) -> bool {
         self.now = Instant::now();
+        self.limits.capacity = self.device.capacity();
         loop {
             if self.reserved_ops + MAX_OPS_PER_REQUEST + ARMED_READS > self.uring.cq_capacity() {
                 self.throttled = true;

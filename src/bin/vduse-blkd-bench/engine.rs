@@ -202,10 +202,7 @@ pub fn run(o: &BenchOptions, note: &mut dyn FnMut(String)) -> Result<BenchReport
 fn device_io(backend: Backend) -> Arc<DeviceIo> {
     let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
     serial[..16].copy_from_slice(b"vduse-blkd-bench");
-    Arc::new(DeviceIo {
-        backend: Arc::new(backend),
-        serial,
-    })
+    Arc::new(DeviceIo::new(Arc::new(backend), serial))
 }
 
 /// The smallest power-of-two queue (at least 256) that holds `depth` requests' descriptors.

@@ -418,6 +418,58 @@ case_zero_copy_readd() {
     rm -f /tmp/zr.img /tmp/zr.a /tmp/zr.b
 }
 
+# Online resize (vduse-blkd resize, through the control socket) while fio writes and
+# verifies: the guest's size changes without I/O stopping, the new end is usable, a shrink
+# without --force is refused, the socket goes with the daemon.
+case_resize_under_fio() {
+    need_daemon
+    rm -f /tmp/rs.img
+    truncate -s 128M /tmp/rs.img
+    start_daemon rs /tmp/rs.img --queues 2
+    [ -S /run/vduse-blkd/rs.sock ] || fail "no control socket /run/vduse-blkd/rs.sock"
+    [ "$(stat -c %a /run/vduse-blkd/rs.sock)" = 600 ] || fail "control socket mode is not 0600"
+    blk=/sys/block/${DEV#/dev/}/size
+    [ "$(cat "$blk")" = 262144 ] || fail "$DEV starts with $(cat "$blk") sectors, want 262144"
+    fio --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 \
+        --size=96M --rate_iops=2000 --verify=crc32c --verify_backlog=256 --verify_fatal=1 \
+        --name=rs --output=/tmp/rs.fio >/dev/null 2>&1 &
+    fpid=$!
+    echo "$fpid" >>"$PIDS_FILE"
+    # Resize once fio is under way (its first completions are in the device's counters of
+    # /sys/block: poll them, no fixed sleep).
+    end=$(($(now) + 30))
+    while [ "$(awk '{print $5}' "/sys/block/${DEV#/dev/}/stat")" = 0 ]; do
+        [ "$(now)" -lt "$end" ] || fail "fio wrote nothing within 30 s"
+        sleep 0.1
+    done
+    bounded 30 /tmp/rs.out /tmp/rs.err vduse-blkd resize rs 512M
+    [ "$RC" = 0 ] || fail "resize to 512M exited $RC: $(head -c 300 /tmp/rs.err)"
+    end=$(($(now) + 30))
+    while [ "$(cat "$blk")" != 1048576 ]; do
+        [ "$(now)" -lt "$end" ] || fail "$DEV still has $(cat "$blk") sectors 30 s after resize (want 1048576)"
+        sleep 0.1
+    done
+    note "$DEV grew to $(cat "$blk") sectors while fio ran"
+    # 24576 writes at 2000/s: about 12 s, so the resize lands in the middle.
+    proc_gone "$fpid" && fail "fio had already finished when the size changed: the resize was not under load"
+    wait "$fpid" || { show_tail /tmp/rs.fio; fail "fio across the resize failed: $(grep -m 1 -i -E 'verify|error' /tmp/rs.fio)"; }
+    # The new end is usable.
+    dd if=/dev/urandom of=/tmp/rs.pat bs=1M count=8 2>/dev/null
+    dd if=/tmp/rs.pat of="$DEV" bs=1M seek=500 oflag=direct 2>/dev/null || fail "write past the old end failed"
+    [ "$(md5_range "$DEV" 500 8)" = "$(md5sum </tmp/rs.pat | cut -d' ' -f1)" ] || fail "data past the old end reads back differently"
+    bounded 30 /tmp/rs.out /tmp/rs.err vduse-blkd resize rs 256M
+    [ "$RC" != 0 ] || fail "a shrink without --force was accepted"
+    grep -q -- --force /tmp/rs.err || fail "shrink refusal does not mention --force: $(head -c 300 /tmp/rs.err)"
+    [ "$(cat "$blk")" = 1048576 ] || fail "a refused shrink changed the size"
+    stop_daemon rs
+    [ ! -e /run/vduse-blkd/rs.sock ] || fail "the control socket outlived the daemon"
+    [ "$(stat -c %s /tmp/rs.img)" = $((512 * MIB)) ] || fail "backing file is $(stat -c %s /tmp/rs.img) bytes, want 512 MiB"
+    [ "$(md5_range /tmp/rs.img 500 8)" = "$(md5sum </tmp/rs.pat | cut -d' ' -f1)" ] || fail "backing file lacks the data past the old end"
+    bounded 30 /tmp/rs.out /tmp/rs.err vduse-blkd resize rs 1G
+    { [ "$RC" != 0 ] && grep -q -i "no daemon" /tmp/rs.err; } || fail "resize without a daemon: exit $RC, $(head -c 300 /tmp/rs.err)"
+    rm -f /tmp/rs.img /tmp/rs.pat
+}
+
 # --attach vhost hands the device to vhost_vdpa (no block device, a vhost-vdpa node);
 # --attach none leaves it off the bus until the user adds it; SIGTERM detaches either.
 case_attach_modes() {
@@ -567,6 +619,7 @@ want fio-verify && run_case fio-verify 300 case_fio_verify
 [ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-poll && run_case fio-verify-poll 300 case_fio_verify_poll
 [ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-copy && run_case fio-verify-copy 300 case_fio_verify_copy
 [ "$VM_BACKEND" = vduse-blkd ] && want zero-copy-readd && run_case zero-copy-readd 240 case_zero_copy_readd
+[ "$VM_BACKEND" = vduse-blkd ] && want resize-under-fio && run_case resize-under-fio 180 case_resize_under_fio
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
 want attach-modes && run_case attach-modes 120 case_attach_modes
 want vhost-io && run_case vhost-io 300 case_vhost_io
