@@ -147,6 +147,28 @@ pub enum Command {
         /// The device name.
         name: String,
     },
+    /// Show a running device's live counters: IOPS, MiB/s, requests in flight, and the
+    /// latency of each stage a request passes in the worker (dispatch, prepare, backend,
+    /// complete, notify, and their total: p50/p99/p99.9/max), in total and per queue, since
+    /// the daemon started or the last --reset.
+    Stats {
+        /// The device name (of a running `serve`).
+        name: String,
+        /// Print the daemon's JSON object instead of tables (per queue, per stage, per
+        /// request kind).
+        #[arg(long)]
+        json: bool,
+        /// Print again every SECS seconds, each time over the last interval only (each
+        /// sample starts a new counting period, as --reset does); until interrupted.
+        #[arg(long, value_name = "SECS")]
+        interval: Option<f64>,
+        /// Start a new counting period after this answer.
+        #[arg(long)]
+        reset: bool,
+        /// Where the daemon's control socket is (serve --run-dir).
+        #[arg(long, value_name = "DIR", default_value = socket::RUN_DIR)]
+        run_dir: PathBuf,
+    },
     /// Change the capacity of a running device, online: a backing file is extended (or,
     /// with --force, truncated), the config space updated and the config interrupt
     /// injected, so the driver sees the new size while I/O goes on. A block device must
@@ -230,6 +252,13 @@ pub fn run(cli: Cli) -> ExitCode {
             force,
             run_dir,
         } => run_resize(&run_dir, &name, size, force),
+        Command::Stats {
+            name,
+            json,
+            interval,
+            reset,
+            run_dir,
+        } => run_stats(&run_dir, &name, json, interval, reset),
     }
 }
 
@@ -345,6 +374,100 @@ fn run_resize(run_dir: &std::path::Path, name: &str, bytes: u64, force: bool) ->
         )),
         Err(e) => fail(format!("{name}: {e}")),
     }
+}
+
+fn run_stats(
+    run_dir: &std::path::Path,
+    name: &str,
+    json: bool,
+    interval: Option<f64>,
+    reset: bool,
+) -> ExitCode {
+    let every = match interval {
+        Some(s) if !(0.1..=86_400.0).contains(&s) => {
+            return fail(format!("--interval {s}: give 0.1 to 86400 seconds"))
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
+    if every.is_some() {
+        // The first sample only starts the period the next one covers.
+        if let Err(e) = socket::call(run_dir, name, &socket::Request::Stats { reset: true }) {
+            return fail(format!("{name}: {e}"));
+        }
+    }
+    loop {
+        if let Some(d) = every {
+            std::thread::sleep(d); // the sampling interval itself
+        }
+        let req = socket::Request::Stats {
+            reset: reset || every.is_some(),
+        };
+        let v = match socket::call(run_dir, name, &req) {
+            Ok(r) if r.ok => r.stats.unwrap_or_default(),
+            Ok(r) => return fail(format!("{name}: {}", r.error.unwrap_or_default())),
+            Err(e) => return fail(format!("{name}: {e}")),
+        };
+        let text = if json { v.to_string() } else { stats_table(&v) };
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            return ExitCode::SUCCESS; // the reader went away (a pipe closed)
+        }
+        if every.is_none() {
+            return ExitCode::SUCCESS;
+        }
+    }
+}
+
+/// The human form of a `stats` answer.
+fn stats_table(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let f = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0);
+    let t = &v["total"];
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{}: {:.1} s  {:.0} IOPS  {:.1} MiB/s  {} in flight  {} requests ({} errors)",
+        v["name"].as_str().unwrap_or("?"),
+        f(&v["elapsed_s"]),
+        f(&t["iops"]),
+        f(&t["mib_s"]),
+        t["in_flight"],
+        t["requests"],
+        t["errors"]
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "stage", "count", "p50 us", "p99 us", "p99.9 us", "max us"
+    );
+    for stage in crate::metrics::STAGES {
+        let h = &t["stages"][stage.name()];
+        let _ = writeln!(
+            s,
+            "{:<10} {:>10} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+            stage.name(),
+            h["count"],
+            f(&h["p50_us"]),
+            f(&h["p99_us"]),
+            f(&h["p999_us"]),
+            f(&h["max_us"])
+        );
+    }
+    for q in v["queues"].as_array().into_iter().flatten() {
+        let tot = &q["stages"]["total"];
+        let _ = writeln!(
+            s,
+            "queue {}: {:.0} IOPS  {:.1} MiB/s  {} in flight  total p50 {:.2} us  p99 {:.2} us",
+            q["queue"],
+            f(&q["iops"]),
+            f(&q["mib_s"]),
+            q["in_flight"],
+            f(&tot["p50_us"]),
+            f(&tot["p99_us"])
+        );
+    }
+    s.trim_end().to_string()
 }
 
 fn run_del(name: &str) -> ExitCode {

@@ -933,3 +933,86 @@ fn zero_copy_uses_fixed_buffers_for_one_segment_and_vectors_for_more() {
         );
     }
 }
+
+/// Every finished request is counted in every stage, under its kind, and no stage's
+/// quantiles exceed the total's (each span is part of the request's total).
+#[test]
+fn every_request_is_recorded_in_every_stage() {
+    use vduse_blkd::metrics::{kind_index, Stage, STAGES};
+    require_io_uring!();
+    let mut dev = device_with(1 << 20, |cfg| cfg.queue_size = 64);
+    for i in 0..40u64 {
+        let data = pattern(i, 4096);
+        // Batches of four: several requests per drain and per reap.
+        for j in 0..4 {
+            let c = chain(&dev, &BlkRequest::write((i * 4 + j) * 8, &data));
+            dev.queues[0].add(c).unwrap();
+        }
+        let q = &mut dev.queues[0];
+        q.publish_and_notify().unwrap();
+        let done = q.wait_used(4, TIMEOUT).unwrap();
+        assert!(done.iter().all(|c| c.status == Some(S_OK)));
+    }
+    run_req_ok(&mut dev, 0, BlkRequest::read(0, 4096), 4097);
+    let stats = shutdown_stats(dev);
+    let st = &stats.stages;
+    for (si, stage) in STAGES.iter().enumerate() {
+        let writes = st.spans[si][kind_index(vduse_blkd::blk::RequestKind::Write)].len();
+        let reads = st.spans[si][kind_index(vduse_blkd::blk::RequestKind::Read)].len();
+        assert_eq!((writes, reads), (160, 1), "stage {stage:?}");
+    }
+    let total = st.stage(Stage::Total);
+    for stage in &STAGES[..5] {
+        let h = st.stage(*stage);
+        for q in [0.5, 0.99, 1.0] {
+            let (part, all) = (h.value_at_quantile(q), total.value_at_quantile(q));
+            // Two significant digits: equal values may round 1% apart.
+            assert!(
+                part <= all + all / 50,
+                "{stage:?} q{q}: {part} ns > total {all} ns"
+            );
+        }
+    }
+    assert!(!st.drain_batch.is_empty() && !st.reap_batch.is_empty());
+    assert!(
+        st.drain_batch.max() >= 2,
+        "batches of four never drained together"
+    );
+}
+
+/// A live view gets fresh copies from running workers without stopping them, and keeps what
+/// a worker counted after it stopped and another started on the same queue.
+#[test]
+fn a_live_view_sees_running_and_restarted_workers() {
+    use vduse_blkd::worker::live::LiveStats;
+    require_io_uring!();
+    let live = LiveStats::new(2).unwrap();
+    let mut dev = device_with(1 << 20, |cfg| {
+        cfg.queues = 2;
+        cfg.live = Some(std::sync::Arc::clone(&live));
+    });
+    let deadline = Duration::from_secs(10);
+    for i in 0..10 {
+        run_req_ok(&mut dev, 0, BlkRequest::read(i * 8, 4096), 4097);
+    }
+    run_req_ok(&mut dev, 1, BlkRequest::read(0, 4096), 4097);
+    let now = live.collect(deadline);
+    assert_eq!((now[0].reads, now[1].reads), (10, 1));
+    assert_eq!(
+        now[0].stages.stage(vduse_blkd::metrics::Stage::Total).len(),
+        10
+    );
+    // Queue 0's worker stops and a new one starts where it left off.
+    let exit = dev.stop(0).expect("clean stop");
+    dev.start(0, exit.next_avail, exit.next_used).unwrap();
+    run_req_ok(&mut dev, 0, BlkRequest::read(0, 4096), 4097);
+    let later = live.collect(deadline);
+    assert_eq!((later[0].reads, later[1].reads), (11, 1));
+    shutdown_clean(dev);
+    let after = live.collect(deadline);
+    assert_eq!(
+        (after[0].reads, after[1].reads),
+        (11, 1),
+        "retired counts stay"
+    );
+}

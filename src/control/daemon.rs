@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use nix::errno::Errno;
@@ -34,6 +34,7 @@ use crate::blk::{BlkConfig, BlkGeometry, VIRTIO_BLK_ID_BYTES};
 use crate::metrics::QueueStats;
 use crate::uapi::vduse as u;
 use crate::uapi::virtio as vf;
+use crate::worker::live::LiveStats;
 use crate::worker::DeviceIo;
 
 /// The largest split-ring size.
@@ -404,6 +405,8 @@ struct Serving<'a> {
     io: Option<Arc<DeviceIo>>,
     /// Removed (dropped) with the rest at teardown.
     socket: Option<ControlSocket>,
+    /// The workers' live counters (`vduse-blkd stats`).
+    live: Option<LiveView>,
     /// Dropped last: DESTROY_DEV and the backing file.
     created: Created<'a>,
 }
@@ -466,6 +469,7 @@ fn create<'a>(
         dev: None,
         io: None,
         socket: None,
+        live: None,
         created: Created {
             control,
             name: name_buf,
@@ -547,6 +551,12 @@ fn start_loop(
     serial[..n].copy_from_slice(&id[..n]);
     let io = Arc::new(DeviceIo::new(backend, serial));
     s.io = Some(Arc::clone(&io));
+    let live = LiveStats::new(o.queues).map_err(io_err("cannot create the live-stats eventfds"))?;
+    s.live = Some(LiveView {
+        stats: Arc::clone(&live),
+        base: Vec::new(),
+        since: Instant::now(),
+    });
     let cpus = if o.cpus.is_empty() {
         allowed_cpus()
     } else {
@@ -560,6 +570,7 @@ fn start_loop(
         offered_features,
         cpus,
         poll: o.poll,
+        live: Some(Arc::clone(&live)),
     };
     let workers = VduseWorkers::new(Arc::clone(&dev), io, zero_copy_for(o));
     let lp =
@@ -598,7 +609,12 @@ fn attach_and_wait(
     s.served = true;
     let events = s.events.as_ref().expect("the loop runs before attaching");
     let socket = s.socket.as_ref().expect("bound above");
+    let live = &mut s.live;
     let mut handle = |req: Request| match req {
+        Request::Stats { reset } => match live.as_mut() {
+            Some(v) => v.answer(&o.name, reset),
+            None => Reply::refused("the device is not running"),
+        },
         Request::Resize { bytes, force } => match (s.io.as_deref(), s.dev.as_deref()) {
             (Some(io), Some(dev)) => {
                 let tell = |bytes: u64| {
@@ -616,6 +632,56 @@ fn attach_and_wait(
     };
     wait_for_end(signals, events, socket, &mut handle)
 }
+
+/// The live view of a running device and the baseline of its current counting period.
+struct LiveView {
+    stats: Arc<LiveStats>,
+    /// Per queue, the counters at the last reset (empty: none yet).
+    base: Vec<QueueStats>,
+    /// When the period began.
+    since: Instant,
+}
+
+impl LiveView {
+    /// Every queue's counters since the period began, and their total.
+    fn answer(&mut self, name: &str, reset: bool) -> Reply {
+        let now = self.stats.collect(LIVE_DEADLINE);
+        let elapsed = self.since.elapsed().as_secs_f64();
+        let zero = QueueStats::default();
+        let period: Vec<QueueStats> = now
+            .iter()
+            .enumerate()
+            .map(|(q, s)| s.since(self.base.get(q).unwrap_or(&zero)))
+            .collect();
+        let mut total = QueueStats::default();
+        let mut queues = Vec::new();
+        for (q, s) in period.iter().enumerate() {
+            total.merge(s);
+            let mut j = s.live_json(elapsed);
+            j["queue"] = q.into();
+            queues.push(j);
+        }
+        let json = serde_json::json!({
+            "name": name,
+            "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
+            "total": total.live_json(elapsed),
+            "queues": queues,
+        });
+        if reset {
+            self.base = now;
+            self.since = Instant::now();
+        }
+        Reply {
+            ok: true,
+            error: None,
+            capacity: None,
+            stats: Some(json),
+        }
+    }
+}
+
+/// How long a live view waits for the workers' copies.
+const LIVE_DEADLINE: Duration = Duration::from_secs(1);
 
 /// An online resize: grow the backing, then let requests reach the new end, then tell the
 /// driver (config space capacity + config interrupt); a forced shrink goes the other way
@@ -659,6 +725,7 @@ fn resize(
             ok: true,
             error: None,
             capacity: Some(bytes),
+            stats: None,
         },
         Err(e) => Reply {
             capacity: Some(io.capacity()),

@@ -48,6 +48,7 @@ use crate::memory::{IovaRegion, RegionSource};
 use crate::metrics::QueueStats;
 use crate::uapi::vduse as u;
 use crate::uapi::virtio as vf;
+use crate::worker::live::LiveStats;
 use crate::worker::{
     self, DeviceIo, QueueEdge, QueueSetup, WorkerError, WorkerExit, WorkerHandle, WorkerOptions,
     ZeroCopy,
@@ -233,6 +234,8 @@ pub struct LoopConfig {
     pub cpus: Vec<usize>,
     /// The workers' busy-poll window (zero: park at once).
     pub poll: Duration,
+    /// The live view the workers answer (`vduse-blkd stats`).
+    pub live: Option<Arc<LiveStats>>,
 }
 
 /// Events the control thread reports to the daemon.
@@ -788,6 +791,7 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
             cpu,
             name: format!("{}-q{q}", short(&self.cfg.name)),
             poll: self.cfg.poll,
+            live: self.cfg.live.as_ref().and_then(|l| l.queue(q)),
         };
         let ended = Arc::new(AtomicBool::new(false));
         let exit = ExitToken {

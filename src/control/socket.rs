@@ -35,6 +35,12 @@ pub enum Request {
         /// Allow shrinking.
         force: bool,
     },
+    /// The live counters and stage latencies, per queue and in total, since the start or
+    /// the last reset; with `reset`, start counting again afterwards.
+    Stats {
+        /// Start a new counting period after this answer.
+        reset: bool,
+    },
 }
 
 /// The daemon's answer.
@@ -48,6 +54,9 @@ pub struct Reply {
     /// The capacity in bytes after the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
+    /// The answer to [`Request::Stats`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
 }
 
 impl Reply {
@@ -57,6 +66,7 @@ impl Reply {
             ok: false,
             error: Some(error.into()),
             capacity: None,
+            stats: None,
         }
     }
 }
@@ -255,6 +265,7 @@ mod tests {
                         ok: true,
                         error: None,
                         capacity: Some(1 << 30),
+                        stats: None,
                     }
                 });
                 std::thread::yield_now();

@@ -48,6 +48,7 @@ impl BackedQueue {
             cpu: None,
             name: "sim_backed_q0".into(),
             poll: Duration::ZERO,
+            live: None,
         };
         let worker = worker::spawn(setup, io, edge, kick, opts)?;
         Ok(BackedQueue {

@@ -17,6 +17,7 @@ use super::rng::SimRng;
 use super::SimError;
 use crate::backend::{Backend, BackingSpec};
 use crate::blk::VIRTIO_BLK_ID_BYTES;
+use crate::worker::live::LiveStats;
 use crate::worker::{self, DeviceIo, WorkerError, WorkerExit, WorkerHandle, WorkerOptions};
 
 /// IOVA of queue 0's rings; queue `i` is [`RING_STRIDE`] further on.
@@ -92,6 +93,8 @@ pub struct SimDeviceConfig {
     /// Offer the buffer heap to the workers as a zero-copy area (fixed buffers), as a
     /// registered umem is on VDUSE.
     pub zero_copy: bool,
+    /// A live view the workers answer, as `serve`'s do.
+    pub live: Option<Arc<LiveStats>>,
 }
 
 impl SimDeviceConfig {
@@ -111,6 +114,7 @@ impl SimDeviceConfig {
             fill_seed: None,
             poll: Duration::ZERO,
             zero_copy: false,
+            live: None,
         }
     }
 }
@@ -233,6 +237,9 @@ impl SimDevice {
             cpu: None,
             name: format!("sim_q{q}"),
             poll: self.cfg.poll,
+            live: u16::try_from(q)
+                .ok()
+                .and_then(|q| self.cfg.live.as_ref()?.queue(q)),
         };
         let h = worker::spawn(setup, Arc::clone(&self.io), edge, kick, opts)?;
         self.workers[q] = Some(h);

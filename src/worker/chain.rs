@@ -69,37 +69,18 @@ pub fn read_descriptor(mem: &mut impl GuestRead, addr: u64) -> Option<Descriptor
     Some(desc)
 }
 
-/// Indirect tables of at most this many descriptors are read in one copy (onto the stack);
-/// larger ones descriptor by descriptor.
-const ONE_COPY_TABLE: usize = 128;
+/// Indirect tables of at most this many descriptors are read in one copy (into a buffer
+/// on the walker's stack); larger ones descriptor by descriptor.
+const ONE_COPY_TABLE: usize = 16;
+const ONE_COPY_BYTES: usize = ONE_COPY_TABLE * DESC_SIZE as usize;
 
-/// An indirect table read in one copy.
-struct TableCopy {
-    bytes: [u8; ONE_COPY_TABLE * DESC_SIZE as usize],
-}
-
-impl TableCopy {
-    fn read(mem: &mut impl GuestRead, addr: u64, entries: u32) -> Option<Option<TableCopy>> {
-        let n = entries as usize;
-        if n > ONE_COPY_TABLE {
-            return Some(None);
-        }
-        let mut t = TableCopy {
-            bytes: [0; ONE_COPY_TABLE * DESC_SIZE as usize],
-        };
-        mem.read_at(addr, &mut t.bytes[..n * DESC_SIZE as usize])
-            .ok()?;
-        Some(Some(t))
-    }
-
-    /// Entry `i` (the caller keeps `i` below the table's length).
-    fn get(&self, i: u32) -> Descriptor {
-        let mut desc = Descriptor::default();
-        let at = i as usize * DESC_SIZE as usize;
-        desc.as_mut_slice()
-            .copy_from_slice(&self.bytes[at..at + DESC_SIZE as usize]);
-        desc
-    }
+/// Entry `i` of a table copied into `bytes` (the caller keeps `i` below its length).
+fn copied_descriptor(bytes: &[u8; ONE_COPY_BYTES], i: u32) -> Descriptor {
+    let mut desc = Descriptor::default();
+    let at = i as usize * DESC_SIZE as usize;
+    desc.as_mut_slice()
+        .copy_from_slice(&bytes[at..at + DESC_SIZE as usize]);
+    desc
 }
 
 /// Walk the chain starting at `head` of the table at `table` (`size` entries), appending one
@@ -120,7 +101,9 @@ pub fn walk_chain(
     let mut index = u32::from(head);
     let mut ttl = table_len;
     let mut indirect = false;
-    let mut copy: Option<TableCopy> = None;
+    // Small: zeroing it per walk costs less than the reads it saves.
+    let mut table_copy = [0u8; ONE_COPY_BYTES];
+    let mut copied = false;
     loop {
         if ttl == 0 {
             return Err(ChainError::Loop);
@@ -133,13 +116,14 @@ pub fn walk_chain(
             } else {
                 ChainError::TableUnreadable(table)
             })?;
-        let desc = match &copy {
-            Some(t) => t.get(index),
-            None => read_descriptor(mem, addr).ok_or(if indirect {
+        let desc = if copied {
+            copied_descriptor(&table_copy, index)
+        } else {
+            read_descriptor(mem, addr).ok_or(if indirect {
                 ChainError::IndirectUnreadable(addr)
             } else {
                 ChainError::TableUnreadable(addr)
-            })?,
+            })?
         };
         let flags = desc.flags();
         if flags & VIRTQ_DESC_F_INDIRECT != 0 {
@@ -153,8 +137,12 @@ pub fn walk_chain(
             indirect = true;
             table = desc.addr().0;
             table_len = (u64::from(len) / DESC_SIZE) as u32;
-            copy = TableCopy::read(mem, table, table_len)
-                .ok_or(ChainError::IndirectUnreadable(table))?;
+            let n = table_len as usize * DESC_SIZE as usize;
+            copied = n <= ONE_COPY_BYTES;
+            if copied {
+                mem.read_at(table, &mut table_copy[..n])
+                    .map_err(|_| ChainError::IndirectUnreadable(table))?;
+            }
             index = 0;
             ttl = table_len;
             continue;

@@ -34,6 +34,7 @@
 pub mod chain;
 mod error;
 mod exec;
+pub mod live;
 mod poll;
 mod thread;
 mod uring;
@@ -42,7 +43,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{debug, warn};
 use nix::sys::eventfd::EventFd;
@@ -56,11 +57,12 @@ use crate::blk::{
 };
 use crate::memory::umem::Umem;
 use crate::memory::{IovaSpace, RegionSource};
-use crate::metrics::QueueStats;
+use crate::metrics::{Clock, QueueStats, Stamps};
 use chain::walk_chain;
 use error::ExecError;
 pub use error::{BrokenReason, RingArea, WorkerError};
 use exec::Submitted;
+use live::LiveQueue;
 pub use thread::{spawn, WorkerHandle, WorkerOptions};
 use uring::{Cqe, Reserved, Uring, Wake};
 
@@ -191,7 +193,15 @@ struct Slot {
     data_len: u64,
     expect: u64,
     dwz: Vec<DwzSegment>,
-    started: Option<Instant>,
+    started: Option<Started>,
+}
+
+/// The clock readings of a request up to its submission (the rest are taken when it ends).
+#[derive(Debug, Clone, Copy)]
+struct Started {
+    wake: u64,
+    pop: u64,
+    submit: Option<u64>,
 }
 
 /// Adapts the worker's IOVA space to the parser's and walker's readers.
@@ -238,7 +248,19 @@ struct Worker<E: QueueEdge> {
     first_avail: u16,
     /// One clock reading per batch: taken when a drain starts popping and when a batch of
     /// completions is reaped; requests started or finished in that batch use it.
-    now: Instant,
+    now: u64,
+    /// The batch clock.
+    clock: Clock,
+    /// When the worker last woke: its wait returned with completions, or a poll turn found
+    /// requests.
+    wake: u64,
+    /// Requests whose SQEs are queued but not yet submitted by an `io_uring_enter`.
+    unsubmitted: Vec<u16>,
+    /// Requests finished in this batch, waiting for the batch's publish and interrupt
+    /// readings before their stages are recorded.
+    done: Vec<(RequestKind, Started, u64)>,
+    /// Where a live view asks for copies of `stats`; told when the worker ends.
+    live: Option<Arc<LiveQueue>>,
 }
 
 impl<E: QueueEdge> Drop for Worker<E> {
@@ -251,6 +273,10 @@ impl<E: QueueEdge> Drop for Worker<E> {
                 self.index
             );
             std::mem::forget(std::mem::take(&mut self.space));
+        }
+        // An error path: the live view keeps what was counted and stops waiting for us.
+        if let Some(l) = self.live.take() {
+            l.retire(&self.stats);
         }
     }
 }
@@ -363,7 +389,12 @@ impl<E: QueueEdge> Worker<E> {
             poll,
             zero_copy_pending: true,
             first_avail: setup.next_avail,
-            now: Instant::now(),
+            now: 0,
+            clock: Clock::default(),
+            wake: 0,
+            unsubmitted: Vec::with_capacity(usize::from(setup.size)),
+            done: Vec::with_capacity(usize::from(setup.size)),
+            live: None,
         })
     }
 
@@ -375,9 +406,11 @@ impl<E: QueueEdge> Worker<E> {
     }
 
     fn arm(&mut self, w: Wake) -> Result<(), WorkerError> {
-        let fd = match w {
-            Wake::Kick => self.kick.as_raw_fd(),
-            Wake::Stop => self.stop.as_raw_fd(),
+        let fd = match (w, &self.live) {
+            (Wake::Kick, _) => self.kick.as_raw_fd(),
+            (Wake::Stop, _) => self.stop.as_raw_fd(),
+            (Wake::Stats, Some(l)) => l.wake_fd().as_raw_fd(),
+            (Wake::Stats, None) => return Ok(()),
         };
         self.uring.arm(w, fd).map_err(|e| self.uring_err(e))
     }
@@ -386,7 +419,12 @@ impl<E: QueueEdge> Worker<E> {
     fn run(&mut self) -> Result<WorkerExit, WorkerError> {
         self.arm(Wake::Kick)?;
         self.arm(Wake::Stop)?;
+        if let Some(l) = &self.live {
+            l.started();
+        }
+        self.arm(Wake::Stats)?;
         // Kicks may have been latched before our eventfd was installed: look once.
+        self.wake = self.clock.now();
         self.drain();
         self.resolve_zero_copy()?;
         self.notify_if_needed();
@@ -403,6 +441,7 @@ impl<E: QueueEdge> Worker<E> {
             if self.stopping && self.uring.ops_in_flight() == 0 {
                 continue;
             }
+            self.stamp_submit();
             self.uring.wait().map_err(|e| self.uring_err(e))?;
             let kicked = self.reap()?;
             if !self.stopping && self.broken.is_none() && (kicked || self.throttled) {
@@ -414,6 +453,9 @@ impl<E: QueueEdge> Worker<E> {
         // Cancel the eventfd reads still armed and wait for their completions.
         self.uring.shutdown().map_err(|e| self.uring_err(e))?;
         self.stats.fixed_ios = self.uring.fixed_ops();
+        if let Some(l) = self.live.take() {
+            l.retire(&self.stats);
+        }
         let stats = std::mem::take(&mut self.stats);
         if let Some(reason) = self.broken.take() {
             return Err(WorkerError::Broken {
@@ -464,7 +506,16 @@ impl<E: QueueEdge> Worker<E> {
     fn reap(&mut self) -> Result<bool, WorkerError> {
         self.uring.reap(&mut self.cqes);
         if !self.cqes.is_empty() {
-            self.now = Instant::now();
+            self.now = self.clock.now();
+            self.wake = self.now;
+        }
+        let ops = self
+            .cqes
+            .iter()
+            .filter(|c| matches!(c, Cqe::Op(..)))
+            .count();
+        if ops > 0 {
+            self.stats.stages.reap_batch.saturating_record(ops as u64);
         }
         let mut kicked = false;
         for i in 0..self.cqes.len() {
@@ -479,12 +530,29 @@ impl<E: QueueEdge> Worker<E> {
                         self.arm(Wake::Kick)?;
                     }
                 }
+                Cqe::Wake(Wake::Stats, res) => {
+                    if res >= 0 {
+                        self.answer_live();
+                    }
+                    if !self.stopping {
+                        self.arm(Wake::Stats)?;
+                    }
+                }
                 Cqe::Wake(Wake::Stop, res) if res == -libc::EAGAIN => self.arm(Wake::Stop)?,
                 Cqe::Wake(Wake::Stop, _) => self.stopping = true,
                 Cqe::Op(token, res) => self.complete_op(token, res),
             }
         }
         Ok(kicked)
+    }
+
+    /// Copy the counters for the live view, with the gauges of this moment.
+    fn answer_live(&mut self) {
+        self.stats.fixed_ios = self.uring.fixed_ops();
+        self.stats.in_flight = self.slots.iter().filter(|s| s.busy).count() as u64;
+        if let Some(l) = &self.live {
+            l.answer(&self.stats);
+        }
     }
 
     fn mark_broken(&mut self, reason: BrokenReason) {
@@ -523,8 +591,35 @@ impl<E: QueueEdge> Worker<E> {
     /// Start every request the avail ring holds. `false` when the worker must stop looking
     /// for now: the ring is broken, or the completion queue has no room (`throttled`).
     fn pop_all(&mut self) -> bool {
-        self.now = Instant::now();
+        self.now = self.clock.now();
         self.limits.capacity = self.device.capacity();
+        let first = self.queue.next_avail();
+        let more = self.pop_each();
+        let popped = self.queue.next_avail().wrapping_sub(first);
+        if popped > 0 {
+            self.stats
+                .stages
+                .drain_batch
+                .saturating_record(u64::from(popped));
+        }
+        more
+    }
+
+    /// Stamp the requests queued since the last enter with this one's reading.
+    fn stamp_submit(&mut self) {
+        if self.unsubmitted.is_empty() {
+            return;
+        }
+        let t = self.clock.now();
+        for &h in &self.unsubmitted {
+            if let Some(st) = self.slots[usize::from(h)].started.as_mut() {
+                st.submit = Some(t);
+            }
+        }
+        self.unsubmitted.clear();
+    }
+
+    fn pop_each(&mut self) -> bool {
         loop {
             if self.reserved_ops + MAX_OPS_PER_REQUEST + ARMED_READS > self.uring.cq_capacity() {
                 self.throttled = true;
@@ -582,7 +677,11 @@ impl<E: QueueEdge> Worker<E> {
     }
 
     fn start_request(&mut self, head: u16) {
-        let started = self.now;
+        let started = Started {
+            wake: self.wake,
+            pop: self.now,
+            submit: None,
+        };
         // A head still in flight is a duplicate whatever its chain looks like now: check
         // before walking, so that no path below can publish a used entry for it.
         // (An out-of-range head has no slot; the walk reports it.)
@@ -632,7 +731,7 @@ impl<E: QueueEdge> Worker<E> {
             Err(e) => Err(ExecError::from(e)),
         };
         match submitted {
-            Ok(Submitted::Queued) => {}
+            Ok(Submitted::Queued) => self.unsubmitted.push(head),
             Ok(Submitted::Done) => self.finish(head),
             Err(e) => {
                 self.fail(head, e);
@@ -675,7 +774,8 @@ impl<E: QueueEdge> Worker<E> {
         if let Some(t) = started {
             self.stats
                 .latency
-                .saturating_record(self.now.saturating_duration_since(t).as_nanos() as u64);
+                .saturating_record(self.now.saturating_sub(t.pop));
+            self.done.push((kind, t, self.now));
         }
         self.publish(head, used_len);
     }
@@ -708,7 +808,30 @@ impl<E: QueueEdge> Worker<E> {
         }
     }
 
+    /// Inject the batch's interrupt if needed, then record the stages of the requests the
+    /// batch finished (two clock readings, only when it finished any).
     fn notify_if_needed(&mut self) {
+        let published = (!self.done.is_empty()).then(|| self.clock.now());
+        self.notify();
+        if let Some(published) = published {
+            let irq = self.clock.now();
+            let stages = &mut self.stats.stages;
+            for (kind, st, reaped) in self.done.drain(..) {
+                let submit = st.submit.unwrap_or(st.pop);
+                let stamps = Stamps {
+                    wake: st.wake,
+                    pop: st.pop,
+                    submit,
+                    reaped: reaped.max(submit),
+                    published,
+                    irq,
+                };
+                stages.record(kind, &stamps);
+            }
+        }
+    }
+
+    fn notify(&mut self) {
         if !self.used_added || self.broken.is_some() {
             return;
         }

@@ -30,6 +30,7 @@ impl<E: QueueEdge> Worker<E> {
         let mut last_work = Instant::now();
         loop {
             let mut worked = false;
+            self.stamp_submit();
             self.uring.submit().map_err(|e| self.uring_err(e))?;
             if self.uring.has_completions() {
                 self.reap()?;
@@ -41,6 +42,7 @@ impl<E: QueueEdge> Worker<E> {
             if self.throttled || self.avail_pending() {
                 // New requests, or ones held back for CQ room: either way there is work.
                 self.throttled = false;
+                self.wake = self.clock.now();
                 self.pop_all();
                 worked = true;
                 if self.broken.is_some() {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use log::{debug, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::live::LiveQueue;
 use super::{DeviceIo, QueueEdge, QueueSetup, Worker, WorkerError, WorkerExit};
 
 /// `PR_SET_IO_FLUSHER` (linux/prctl.h, 5.6+); not exported by the libc crate.
@@ -72,6 +73,8 @@ pub struct WorkerOptions {
     pub name: String,
     /// Busy-poll window after the last work (zero: park at once).
     pub poll: Duration,
+    /// Where a live view asks for this queue's counters (`None`: no live view).
+    pub live: Option<Arc<LiveQueue>>,
 }
 
 /// Start a worker thread for one queue. `kick` is the eventfd the driver's notifications
@@ -94,6 +97,7 @@ pub fn spawn<E: QueueEdge>(
             catch_unwind(AssertUnwindSafe(|| {
                 thread_setup(&opts, index);
                 let mut w = Worker::new(setup, device, edge, kick, stop2, opts.poll)?;
+                w.live = opts.live;
                 w.run()
             }))
             .unwrap_or(Err(WorkerError::Panicked(index)))

@@ -42,6 +42,7 @@ const _: () = assert!(OpToken::new(u16::MAX, Op::LAST, u16::MAX).0 & !REQUEST_MA
 const _: () = assert!(Reserved::Kick as u64 & RESERVED_BIT != 0);
 const _: () = assert!(Reserved::Stop as u64 & RESERVED_BIT != 0);
 const _: () = assert!(Reserved::Cancel as u64 & RESERVED_BIT != 0);
+const _: () = assert!(Reserved::Stats as u64 & RESERVED_BIT != 0);
 
 /// `IOV_MAX`: the most iovecs one readv/writev takes.
 pub(crate) const IOV_MAX: usize = 1024;
@@ -121,22 +122,30 @@ pub(crate) enum Reserved {
     Stop = RESERVED_BIT | 1,
     /// Cancellations issued by [`Uring::shutdown`].
     Cancel = RESERVED_BIT | 2,
+    /// The live-stats eventfd read.
+    Stats = RESERVED_BIT | 3,
 }
 
-/// The two eventfds read through the ring.
+/// The eventfds read through the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wake {
     /// The driver's kick.
     Kick = 0,
     /// The control thread's stop request.
     Stop = 1,
+    /// A live view asks for a copy of the counters.
+    Stats = 2,
 }
+
+/// Every [`Wake`].
+const WAKES: [Wake; 3] = [Wake::Kick, Wake::Stop, Wake::Stats];
 
 impl Wake {
     fn token(self) -> Reserved {
         match self {
             Wake::Kick => Reserved::Kick,
             Wake::Stop => Reserved::Stop,
+            Wake::Stats => Reserved::Stats,
         }
     }
 }
@@ -159,6 +168,7 @@ pub(crate) fn classify(ud: u64) -> Token {
         x if x == Reserved::Kick as u64 => Token::Reserved(Reserved::Kick),
         x if x == Reserved::Stop as u64 => Token::Reserved(Reserved::Stop),
         x if x == Reserved::Cancel as u64 => Token::Reserved(Reserved::Cancel),
+        x if x == Reserved::Stats as u64 => Token::Reserved(Reserved::Stats),
         other => Token::Unknown(other),
     }
 }
@@ -191,7 +201,7 @@ pub(crate) struct Referenced {
 /// Memory SQEs point into. Freed only once nothing is in flight.
 struct Buffers {
     /// Eventfd reads land here, indexed by [`Wake`]. Boxed: the address must not move.
-    events: Box<[u64; 2]>,
+    events: Box<[u64; 3]>,
     /// One iovec array per slot.
     iovs: Vec<Vec<libc::iovec>>,
 }
@@ -200,7 +210,7 @@ struct Buffers {
 pub(crate) struct Uring {
     ring: IoUring,
     bufs: ManuallyDrop<Buffers>,
-    armed: [bool; 2],
+    armed: [bool; 3],
     /// Per slot: SQEs pushed whose CQE is not reaped.
     pending: Vec<u32>,
     /// Every SQE pushed whose CQE is not reaped.
@@ -299,10 +309,10 @@ impl Uring {
         Ok(Uring {
             ring,
             bufs: ManuallyDrop::new(Buffers {
-                events: Box::new([0; 2]),
+                events: Box::new([0; 3]),
                 iovs: vec![Vec::new(); slots],
             }),
-            armed: [false; 2],
+            armed: [false; 3],
             pending: vec![0; slots],
             in_flight: 0,
             ops: 0,
@@ -612,6 +622,10 @@ impl Uring {
                     self.armed[Wake::Stop as usize] = false;
                     Cqe::Wake(Wake::Stop, res)
                 }
+                Token::Reserved(Reserved::Stats) => {
+                    self.armed[Wake::Stats as usize] = false;
+                    Cqe::Wake(Wake::Stats, res)
+                }
                 Token::Unknown(ud) => {
                     warn!("completion with unknown token {ud:#x}");
                     continue;
@@ -635,7 +649,7 @@ impl Uring {
     }
 
     fn cancel_wake_reads(&mut self) {
-        for w in [Wake::Kick, Wake::Stop] {
+        for w in WAKES {
             if self.armed[w as usize] {
                 self.push_cancel(opcode::AsyncCancel::new(w.token() as u64).build());
             }

@@ -425,6 +425,7 @@ pub fn build_queue(
         cpu,
         name: format!("bench_q{q}"),
         poll: o.worker_poll,
+        live: None,
     };
     let handle = worker::spawn(setup, Arc::clone(io), edge, kick, opts)
         .map_err(io_err("cannot start a worker"))?;

@@ -251,6 +251,7 @@ impl Harness {
             offered_features: features(),
             cpus,
             poll: Duration::ZERO,
+            live: None,
         };
         let (tx, events) = event_channel().unwrap();
         let workers = FakeWorkers {

@@ -470,6 +470,59 @@ case_resize_under_fio() {
     rm -f /tmp/rs.img /tmp/rs.pat
 }
 
+# Live stats while fio runs (vduse-blkd stats NAME, through the control socket): every
+# queue shows traffic, every stage has requests and no stage's p50 exceeds the total's; the
+# JSON has every stage for the total and each queue; --reset starts a new period; a second
+# daemon of the same name is refused and leaves the first one's socket answering.
+case_live_stats() {
+    need_daemon
+    rm -f /tmp/ls.img
+    truncate -s 256M /tmp/ls.img
+    start_daemon ls /tmp/ls.img --queues 2
+    fio --filename="$DEV" --ioengine=libaio --direct=1 --rw=randrw --bs=4k --iodepth=8 \
+        --numjobs=2 --size=128M --time_based --runtime=20 --name=ls \
+        --output=/tmp/ls.fio >/dev/null 2>&1 &
+    fpid=$!
+    echo "$fpid" >>"$PIDS_FILE"
+    # Until both queues have served requests (fio's two jobs land on both hardware queues).
+    end=$(($(now) + 60))
+    while :; do
+        bounded 30 /tmp/ls.txt /tmp/ls.err vduse-blkd stats ls
+        [ "$RC" = 0 ] || fail "stats exited $RC: $(head -c 300 /tmp/ls.err)"
+        busy=$(awk '/^queue [0-9]+:/ && $3 > 0 { n++ } END { print n + 0 }' /tmp/ls.txt)
+        [ "$busy" = 2 ] && break
+        [ "$(now)" -lt "$end" ] || { cat /tmp/ls.txt; fail "stats shows $busy of 2 queues with traffic after 60 s of fio"; }
+        sleep 0.5
+    done
+    cat /tmp/ls.txt
+    awk '
+        $1 == "total" { tot = $3 }
+        $1 ~ /^(dispatch|prepare|backend|complete|notify|total)$/ { n++; if ($2 + 0 <= 0) bad = bad " " $1 "(no requests)"; p50[$1] = $3 }
+        END {
+            if (n != 6) bad = bad " only " n " stage lines"
+            for (s in p50) if (p50[s] > tot * 1.02 + 0.01) bad = bad " " s "(p50 " p50[s] " > total " tot ")"
+            if (bad != "") { print bad; exit 1 }
+        }' /tmp/ls.txt >/tmp/ls.bad || fail "stage table wrong:$(cat /tmp/ls.bad)"
+    bounded 30 /tmp/ls.json /tmp/ls.err vduse-blkd stats ls --json
+    [ "$RC" = 0 ] || fail "stats --json exited $RC"
+    n=$(grep -o '"dispatch"' /tmp/ls.json | wc -l)
+    [ "$n" = 3 ] || fail "stats --json has $n dispatch entries, want 3 (total + 2 queues)"
+    grep -q '"queue":1' /tmp/ls.json || fail "stats --json lacks queue 1"
+    bounded 30 /tmp/ls.txt /tmp/ls.err vduse-blkd stats ls --reset
+    [ "$RC" = 0 ] || fail "stats --reset exited $RC"
+    bounded 30 /tmp/ls.txt /tmp/ls.err vduse-blkd stats ls
+    el=$(awk 'NR == 1 { print $2 }' /tmp/ls.txt)
+    awk -v e="$el" 'BEGIN { exit !(e < 10) }' || fail "after --reset the period is $el s old"
+    # Same name again: refused by the kernel (name taken); the first socket still answers.
+    vduse-blkd serve /tmp/ls.img --name ls >/tmp/ls2.out 2>/tmp/ls2.err && fail "a second daemon named ls started"
+    bounded 30 /tmp/ls.txt /tmp/ls.err vduse-blkd stats ls
+    [ "$RC" = 0 ] || fail "the first daemon's socket stopped answering after a second daemon tried the name"
+    wait "$fpid" || { show_tail /tmp/ls.fio; fail "fio failed"; }
+    stop_daemon ls
+    [ ! -e /run/vduse-blkd/ls.sock ] || fail "the control socket outlived the daemon"
+    rm -f /tmp/ls.img
+}
+
 # --attach vhost hands the device to vhost_vdpa (no block device, a vhost-vdpa node);
 # --attach none leaves it off the bus until the user adds it; SIGTERM detaches either.
 case_attach_modes() {
@@ -619,6 +672,7 @@ want fio-verify && run_case fio-verify 300 case_fio_verify
 [ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-poll && run_case fio-verify-poll 300 case_fio_verify_poll
 [ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-copy && run_case fio-verify-copy 300 case_fio_verify_copy
 [ "$VM_BACKEND" = vduse-blkd ] && want zero-copy-readd && run_case zero-copy-readd 240 case_zero_copy_readd
+[ "$VM_BACKEND" = vduse-blkd ] && want live-stats && run_case live-stats 180 case_live_stats
 [ "$VM_BACKEND" = vduse-blkd ] && want resize-under-fio && run_case resize-under-fio 180 case_resize_under_fio
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
 want attach-modes && run_case attach-modes 120 case_attach_modes
