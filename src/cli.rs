@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// talks to; it exists while the daemon serves and is removed at exit.
     #[arg(long, value_name = "DIR", default_value = socket::RUN_DIR)]
     pub run_dir: PathBuf,
+    /// Do not time each request's stages (`vduse-blkd stats` then shows counts and rates,
+    /// with empty stage tables); saves two clock readings per batch.
+    #[arg(long)]
+    pub no_stage_stats: bool,
 }
 
 /// The subcommands.
@@ -285,6 +289,7 @@ impl ServeArgs {
             },
             api_version: self.api_version,
             run_dir: self.run_dir,
+            stage_stats: !self.no_stage_stats,
             zero_copy: match self.zero_copy {
                 ZeroCopyArg::Auto => ZeroCopyMode::Auto,
                 ZeroCopyArg::On => ZeroCopyMode::On,

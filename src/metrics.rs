@@ -119,7 +119,7 @@ impl Clock {
 
 /// The six clock readings of one request ([`Clock`] nanoseconds; batch readings, shared by
 /// the batch).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamps {
     /// The worker woke.
     pub wake: u64,
@@ -183,9 +183,17 @@ impl Default for StageStats {
 impl StageStats {
     /// Record every stage of one request of kind `k`.
     pub fn record(&mut self, k: RequestKind, s: &Stamps) {
+        self.record_n(k, s, 1);
+    }
+
+    /// Record every stage of `n` requests of kind `k` with the same readings (requests of
+    /// one batch share them: one histogram update per stage for the lot).
+    pub fn record_n(&mut self, k: RequestKind, s: &Stamps, n: u64) {
         let ki = kind_index(k);
         for (si, stage) in STAGES.iter().enumerate() {
-            self.spans[si][ki].saturating_record(s.span(*stage));
+            // Values above the top are clamped, counts cannot overflow u64 in practice.
+            let v = s.span(*stage).min(self.spans[si][ki].high());
+            let _ = self.spans[si][ki].record_n(v, n);
         }
     }
 

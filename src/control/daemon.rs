@@ -80,6 +80,8 @@ pub struct ServeOptions {
     pub zero_copy: ZeroCopyMode,
     /// Directory of the control socket `NAME.sock` (`--run-dir`).
     pub run_dir: PathBuf,
+    /// Record per-stage latency (`--no-stage-stats` turns it off).
+    pub stage_stats: bool,
 }
 
 /// Why a command failed. Each message is one line a user can act on.
@@ -571,6 +573,7 @@ fn start_loop(
         cpus,
         poll: o.poll,
         live: Some(Arc::clone(&live)),
+        stage_stats: o.stage_stats,
     };
     let workers = VduseWorkers::new(Arc::clone(&dev), io, zero_copy_for(o));
     let lp =
@@ -923,6 +926,7 @@ mod tests {
             api_version: None,
             zero_copy: ZeroCopyMode::Auto,
             run_dir: PathBuf::from(crate::control::socket::RUN_DIR),
+            stage_stats: true,
         }
     }
 

@@ -236,6 +236,8 @@ pub struct LoopConfig {
     pub poll: Duration,
     /// The live view the workers answer (`vduse-blkd stats`).
     pub live: Option<Arc<LiveStats>>,
+    /// Workers record per-stage spans (`serve --no-stage-stats` turns it off).
+    pub stage_stats: bool,
 }
 
 /// Events the control thread reports to the daemon.
@@ -792,6 +794,7 @@ impl<D: DeviceOps, W: QueueWorkers> MessageLoop<D, W> {
             name: format!("{}-q{q}", short(&self.cfg.name)),
             poll: self.cfg.poll,
             live: self.cfg.live.as_ref().and_then(|l| l.queue(q)),
+            stage_stats: self.cfg.stage_stats,
         };
         let ended = Arc::new(AtomicBool::new(false));
         let exit = ExitToken {

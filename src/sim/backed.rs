@@ -49,6 +49,7 @@ impl BackedQueue {
             name: "sim_backed_q0".into(),
             poll: Duration::ZERO,
             live: None,
+            stage_stats: true,
         };
         let worker = worker::spawn(setup, io, edge, kick, opts)?;
         Ok(BackedQueue {

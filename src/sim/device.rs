@@ -95,6 +95,8 @@ pub struct SimDeviceConfig {
     pub zero_copy: bool,
     /// A live view the workers answer, as `serve`'s do.
     pub live: Option<Arc<LiveStats>>,
+    /// Workers time each request's stages (`serve --no-stage-stats` turns it off).
+    pub stage_stats: bool,
 }
 
 impl SimDeviceConfig {
@@ -115,6 +117,7 @@ impl SimDeviceConfig {
             poll: Duration::ZERO,
             zero_copy: false,
             live: None,
+            stage_stats: true,
         }
     }
 }
@@ -240,6 +243,7 @@ impl SimDevice {
             live: u16::try_from(q)
                 .ok()
                 .and_then(|q| self.cfg.live.as_ref()?.queue(q)),
+            stage_stats: self.cfg.stage_stats,
         };
         let h = worker::spawn(setup, Arc::clone(&self.io), edge, kick, opts)?;
         self.workers[q] = Some(h);

@@ -75,6 +75,8 @@ pub struct WorkerOptions {
     pub poll: Duration,
     /// Where a live view asks for this queue's counters (`None`: no live view).
     pub live: Option<Arc<LiveQueue>>,
+    /// Record where each request's time goes, per stage (off: totals only).
+    pub stage_stats: bool,
 }
 
 /// Start a worker thread for one queue. `kick` is the eventfd the driver's notifications
@@ -98,6 +100,7 @@ pub fn spawn<E: QueueEdge>(
                 thread_setup(&opts, index);
                 let mut w = Worker::new(setup, device, edge, kick, stop2, opts.poll)?;
                 w.live = opts.live;
+                w.stage_stats = opts.stage_stats;
                 w.run()
             }))
             .unwrap_or(Err(WorkerError::Panicked(index)))

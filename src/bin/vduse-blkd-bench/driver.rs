@@ -426,6 +426,7 @@ pub fn build_queue(
         name: format!("bench_q{q}"),
         poll: o.worker_poll,
         live: None,
+        stage_stats: o.stage_stats,
     };
     let handle = worker::spawn(setup, Arc::clone(io), edge, kick, opts)
         .map_err(io_err("cannot start a worker"))?;

@@ -102,6 +102,10 @@ struct Args {
     /// `serve --zero-copy` does with VDUSE's umem): one-segment I/O becomes READ/WRITE_FIXED.
     #[arg(long)]
     zero_copy: bool,
+    /// Do not time each request's stages (what `serve --no-stage-stats` does), to measure
+    /// what the stage timing costs.
+    #[arg(long)]
+    no_stage_stats: bool,
     /// Thread placement (CPU numbers are taken mod the CPUs this process may use).
     #[arg(long, value_enum, default_value_t = Pin::Auto)]
     pin: Pin,
@@ -179,6 +183,7 @@ impl Args {
             },
             worker_poll: Duration::from_micros(self.poll_us),
             zero_copy: self.zero_copy,
+            stage_stats: !self.no_stage_stats,
             pinning: match (self.worker_cpus, self.driver_cpus, self.pin) {
                 (Some(w), Some(d), _) => Pinning::Lists(w, d),
                 (_, _, Pin::Auto) => Pinning::Auto,

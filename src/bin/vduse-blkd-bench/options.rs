@@ -137,6 +137,8 @@ pub struct BenchOptions {
     pub worker_poll: Duration,
     /// Offer each queue's buffers to its worker as a zero-copy area (io_uring fixed buffers).
     pub zero_copy: bool,
+    /// Workers time each request's stages (as `serve` does unless `--no-stage-stats`).
+    pub stage_stats: bool,
     /// CPU placement.
     pub pinning: Pinning,
 }
@@ -163,6 +165,7 @@ impl BenchOptions {
             wait: WaitMode::Irq,
             worker_poll: Duration::ZERO,
             zero_copy: false,
+            stage_stats: true,
             pinning: Pinning::Auto,
         }
     }

@@ -252,6 +252,7 @@ impl Harness {
             cpus,
             poll: Duration::ZERO,
             live: None,
+            stage_stats: true,
         };
         let (tx, events) = event_channel().unwrap();
         let workers = FakeWorkers {
