@@ -69,8 +69,10 @@ path_of() { # BACKING
 }
 
 # --- fio ---------------------------------------------------------------------------
-# fio_run BACKING PEER DEV ROUND: every load and direction on DEV, one PEER line each.
+# fio_run BACKING PEER DEV ROUND: every load and direction on DEV, one PEER line each;
+# a failed run is a "# fio failed" line, and the next runs go on (1 if any failed).
 fio_run() {
+    _frc=0
     for _l in $LOADS; do
         case $_l in qd1) _qd=1 _nj=1 ;; qd16) _qd=16 _nj=1 ;; 2x16) _qd=16 _nj=2 ;; esac
         for _rw in $RWS; do
@@ -78,8 +80,9 @@ fio_run() {
                 --iodepth="$_qd" --numjobs="$_nj" --group_reporting --ioengine=libaio --direct=1 \
                 --runtime="$SECS" --time_based --ramp_time=1 --size=${SIZE_MB}M --randrepeat=0 \
                 --output-format=json >/tmp/peer.json 2>/tmp/peer.err; then
-                note "fio failed or hung ($1 $2 $_l $_rw): $(tail -n 1 /tmp/peer.err)"
-                return 1
+                note "fio failed or hung ($1 $2 $_l $_rw round $4): $(tail -n 1 /tmp/peer.err)"
+                _frc=1
+                continue
             fi
             _d="read"
             [ "$_rw" = randwrite ] && _d="write"
@@ -90,6 +93,7 @@ fio_run() {
             echo "# PEER backing=$1 peer=$2 load=$_l rw=$_rw round=$4 iops=$_iops p50_us=$_p50 p99_us=$_p99"
         done
     done
+    return $_frc
 }
 
 # wait_bdev VDPA-NAME: the block device of a vdpa device, polled (deadline 30 s).
