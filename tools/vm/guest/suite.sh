@@ -470,6 +470,42 @@ case_resize_under_fio() {
     rm -f /tmp/rs.img /tmp/rs.pat
 }
 
+# A block device backing (null_blk, memory-backed), served with O_DIRECT as block devices
+# are by default, zero copy on: data written through the device is in the block device.
+# Where O_DIRECT from the kernel's own bounce pages fails (6.12), --zero-copy off is
+# refused with a reason instead of failing every request.
+case_blockdev() {
+    need_daemon
+    rmmod null_blk 2>/dev/null
+    insmod /lib/modules/vm/null_blk.ko memory_backed=1 gb=1 nr_devices=1 ||
+        fail "cannot load null_blk with memory_backed=1"
+    end=$(($(now) + 30))
+    while [ ! -b /dev/nullb0 ]; do
+        [ "$(now)" -lt "$end" ] || fail "no /dev/nullb0 30 s after loading null_blk"
+        sleep 0.1
+    done
+    start_daemon bd /dev/nullb0 --queues 2
+    dd if=/dev/urandom of=/tmp/bd.pat bs=1M count=16 2>/dev/null
+    dd if=/tmp/bd.pat of="$DEV" bs=1M seek=100 oflag=direct 2>/dev/null || fail "write to $DEV failed"
+    want=$(md5sum </tmp/bd.pat | cut -d' ' -f1)
+    [ "$(md5_range "$DEV" 100 16)" = "$want" ] || fail "$DEV reads back other data"
+    fio --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-64k \
+        --iodepth=16 --offset=256M --size=64M --verify=crc32c --verify_fatal=1 --name=bd \
+        --output=/tmp/bd.fio >/dev/null 2>&1 ||
+        { show_tail /tmp/bd.fio; fail "fio verify through $DEV failed: $(grep -m 1 -i -E 'verify|error' /tmp/bd.fio)"; }
+    stop_daemon bd
+    assert_zero_copy bd on
+    [ "$(md5_range /dev/nullb0 100 16)" = "$want" ] || fail "the block device does not hold the written data"
+    if [ "$(expected_api)" = 0 ]; then
+        bounded 60 /tmp/bd.out /tmp/bd.err vduse-blkd serve /dev/nullb0 --name bd0 --zero-copy off
+        [ "$RC" != 0 ] || fail "--zero-copy off with O_DIRECT on API 0 started (it fails every request there)"
+        grep -q -- "--zero-copy off" /tmp/bd.err || fail "unclear refusal: $(head -c 300 /tmp/bd.err)"
+        assert_no_leftovers bd0
+    fi
+    rmmod null_blk && insmod /lib/modules/vm/null_blk.ko
+    rm -f /tmp/bd.pat
+}
+
 # Live stats while fio runs (vduse-blkd stats NAME, through the control socket): every
 # queue shows traffic, every stage has requests and no stage's p50 exceeds the total's; the
 # JSON has every stage for the total and each queue; --reset starts a new period; a second
@@ -672,6 +708,7 @@ want fio-verify && run_case fio-verify 300 case_fio_verify
 [ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-poll && run_case fio-verify-poll 300 case_fio_verify_poll
 [ "$VM_BACKEND" = vduse-blkd ] && want fio-verify-copy && run_case fio-verify-copy 300 case_fio_verify_copy
 [ "$VM_BACKEND" = vduse-blkd ] && want zero-copy-readd && run_case zero-copy-readd 240 case_zero_copy_readd
+[ "$VM_BACKEND" = vduse-blkd ] && want blockdev && run_case blockdev 180 case_blockdev
 [ "$VM_BACKEND" = vduse-blkd ] && want live-stats && run_case live-stats 180 case_live_stats
 [ "$VM_BACKEND" = vduse-blkd ] && want resize-under-fio && run_case resize-under-fio 180 case_resize_under_fio
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
