@@ -314,6 +314,18 @@ impl Backend {
     /// underneath (an LV extended) is taken at its new size. `bytes` is checked against
     /// `block_size` first.
     pub fn set_size(&self, bytes: u64, block_size: u32) -> Result<(), BackendError> {
+        self.check_size_change(bytes, block_size)?;
+        match self.kind {
+            BackingKind::File => self.file.set_len(bytes).map_err(|e| BackendError::Resize {
+                path: self.path.clone(),
+                why: format!("cannot set the file's length: {e}"),
+            }),
+            BackingKind::BlockDevice | BackingKind::Null => Ok(()),
+        }
+    }
+
+    /// Whether [`Backend::set_size`] to `bytes` would be accepted, changing nothing.
+    pub fn check_size_change(&self, bytes: u64, block_size: u32) -> Result<(), BackendError> {
         check_size(bytes, block_size)?;
         let refuse = |why: String| BackendError::Resize {
             path: self.path.clone(),
@@ -323,10 +335,7 @@ impl Backend {
             return Err(refuse("the device is read-only".into()));
         }
         match self.kind {
-            BackingKind::File => self
-                .file
-                .set_len(bytes)
-                .map_err(|e| refuse(format!("cannot set the file's length: {e}"))),
+            BackingKind::File => Ok(()),
             BackingKind::BlockDevice => {
                 let now = block_device_size(&self.file).map_err(|e| refuse(e.to_string()))?;
                 if now == bytes {

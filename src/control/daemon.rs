@@ -579,7 +579,7 @@ fn start_loop(
         live: Some(Arc::clone(&live)),
         stage_stats: o.stage_stats,
     };
-    let workers = VduseWorkers::new(Arc::clone(&dev), io, zero_copy_for(o));
+    let workers = VduseWorkers::new(Arc::clone(&dev), io, zero_copy_for(o), o.queues);
     let lp =
         spawn_loop(dev, workers, cfg, tx).map_err(io_err("cannot start the control thread"))?;
     s.lp = Some(lp);
@@ -646,8 +646,14 @@ fn attach_and_wait(
         Request::Resize { bytes, force } => match (s.io.as_deref(), s.dev.as_deref()) {
             (Some(io), Some(dev)) => {
                 let tell = |bytes: u64| {
-                    dev.update_config(0, &(bytes / 512).to_le_bytes())
-                        .map_err(|e| format!("the driver was not told the new size: {e}"))
+                    dev.set_config(0, &(bytes / 512).to_le_bytes())
+                        .map_err(|e| format!("cannot write the new capacity: {e}"))?;
+                    match dev.inject_config_irq() {
+                        // No driver running (--attach none, unbound): it reads the new
+                        // size from the config space when it probes.
+                        Ok(()) | Err(Errno::EINVAL) => Ok(()),
+                        Err(e) => Err(format!("the driver was not told the new size: {e}")),
+                    }
                 };
                 let r = resize(io, o.backing.block_size, bytes, force, &tell);
                 if r.ok {
@@ -673,8 +679,10 @@ struct LiveView {
 impl LiveView {
     /// Every queue's counters since the period began, and their total.
     fn answer(&mut self, name: &str, reset: bool) -> Reply {
+        // The next period starts when the copies are asked for, not when they arrived.
+        let asked = Instant::now();
         let now = self.stats.collect(LIVE_DEADLINE);
-        let elapsed = self.since.elapsed().as_secs_f64();
+        let elapsed = asked.duration_since(self.since).as_secs_f64();
         let zero = QueueStats::default();
         let period: Vec<QueueStats> = now
             .iter()
@@ -697,7 +705,7 @@ impl LiveView {
         });
         if reset {
             self.base = now;
-            self.since = Instant::now();
+            self.since = asked;
         }
         Reply {
             ok: true,
@@ -729,6 +737,13 @@ fn resize(
             "shrinking from {now} to {bytes} bytes discards data at the end: add --force"
         ));
     }
+    // Every refusal comes before anything changes.
+    if let Err(e) = io.backend.check_size_change(bytes, block_size) {
+        return Reply {
+            capacity: Some(now),
+            ..Reply::refused(e.to_string())
+        };
+    }
     let set_size = || {
         io.backend
             .set_size(bytes, block_size)
@@ -740,13 +755,8 @@ fn resize(
             tell(bytes)
         })
     } else {
-        crate::backend::check_size(bytes, block_size)
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                io.set_capacity(bytes);
-                tell(bytes)
-            })
-            .and_then(|()| set_size())
+        io.set_capacity(bytes);
+        tell(bytes).and_then(|()| set_size())
     };
     match done {
         Ok(()) => Reply {

@@ -143,8 +143,13 @@ pub struct VduseWorkers {
 
 impl VduseWorkers {
     /// Workers on `dev` serving `io`, with zero copy as `zero_copy` says.
-    pub fn new(dev: Arc<DeviceFd>, io: Arc<DeviceIo>, zero_copy: ZeroCopyMode) -> Self {
-        let umem = UmemRegistry::new(Arc::clone(&dev), zero_copy);
+    pub fn new(
+        dev: Arc<DeviceFd>,
+        io: Arc<DeviceIo>,
+        zero_copy: ZeroCopyMode,
+        queues: u16,
+    ) -> Self {
+        let umem = UmemRegistry::new(Arc::clone(&dev), zero_copy, queues);
         VduseWorkers { dev, io, umem }
     }
 }

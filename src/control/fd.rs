@@ -149,9 +149,20 @@ impl DeviceFd {
     /// `VDUSE_DEV_SET_CONFIG` + `VDUSE_DEV_INJECT_CONFIG_IRQ`: change config space bytes and
     /// tell the driver.
     pub fn update_config(&self, offset: u32, bytes: &[u8]) -> Result<(), Errno> {
+        self.set_config(offset, bytes)?;
+        self.inject_config_irq()
+    }
+
+    /// `VDUSE_DEV_SET_CONFIG`: change `bytes` of the config space at `offset`.
+    pub fn set_config(&self, offset: u32, bytes: &[u8]) -> Result<(), Errno> {
         let buf = u::config_data_buf(offset, bytes).map_err(|_| Errno::EINVAL)?;
         // SAFETY: `buf` owns the 8-byte header followed by `length` bytes, as the kernel reads.
-        unsafe { u::vduse_dev_set_config(self.fd(), buf.as_ptr()) }?;
+        unsafe { u::vduse_dev_set_config(self.fd(), buf.as_ptr()) }.map(drop)
+    }
+
+    /// `VDUSE_DEV_INJECT_CONFIG_IRQ`: tell the driver the config space changed (EINVAL when
+    /// no driver has set DRIVER_OK).
+    pub fn inject_config_irq(&self) -> Result<(), Errno> {
         // SAFETY: no argument.
         unsafe { u::vduse_dev_inject_config_irq(self.fd()) }.map(drop)
     }

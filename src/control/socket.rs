@@ -12,15 +12,20 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Where sockets live unless `--run-dir` says otherwise.
 pub const RUN_DIR: &str = "/run/vduse-blkd";
-/// How long one side waits for the other's line.
+/// How long the client waits for the daemon's reply.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the daemon gives one connection, from accept to reply sent: the main thread
+/// answers it, and must get back to signals and device events.
+const SERVE_DEADLINE: Duration = Duration::from_millis(1000);
+/// Connections answered per wake-up; more wait for the next turn of the main loop.
+const PER_WAKEUP: usize = 8;
 /// Longest request line accepted.
 const MAX_LINE: u64 = 4096;
 
@@ -152,7 +157,7 @@ impl ControlSocket {
     /// A client that misbehaves gets an error reply (or nothing) and is dropped; it never
     /// stops the daemon.
     pub fn serve_pending(&self, handle: &mut dyn FnMut(Request) -> Reply) {
-        loop {
+        for _ in 0..PER_WAKEUP {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -180,12 +185,34 @@ impl Drop for ControlSocket {
     }
 }
 
+/// Read one request line within `SERVE_DEADLINE` of now (a client that trickles bytes
+/// gets no more time than one that sends at once).
+fn read_request_line(mut stream: &UnixStream) -> io::Result<String> {
+    let end = Instant::now() + SERVE_DEADLINE;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !buf.contains(&b'\n') {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() || buf.len() as u64 > MAX_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no complete request line in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match io::Read::read(&mut stream, &mut chunk)? {
+            0 => break,
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+    String::from_utf8(line.to_vec()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 fn answer(stream: UnixStream, handle: &mut dyn FnMut(Request) -> Reply) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new(io::Read::take(&stream, MAX_LINE)).read_line(&mut line)?;
+    stream.set_write_timeout(Some(SERVE_DEADLINE))?;
+    let line = read_request_line(&stream)?;
     let reply = match serde_json::from_str::<Request>(line.trim_end()) {
         Ok(req) => handle(req),
         Err(e) => Reply::refused(format!("not a request: {e}")),
@@ -312,6 +339,21 @@ mod tests {
         assert!(path.exists());
         let again = ControlSocket::bind(d.path(), "d1").unwrap();
         assert_eq!(again.path(), path);
+    }
+
+    #[test]
+    fn a_silent_client_holds_the_daemon_for_one_deadline_only() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = ControlSocket::bind(d.path(), "d3").unwrap();
+        let silent = UnixStream::connect(sock.path()).unwrap();
+        let t = Instant::now();
+        sock.serve_pending(&mut |_| unreachable!("nothing was sent"));
+        let took = t.elapsed();
+        assert!(
+            took >= SERVE_DEADLINE && took < SERVE_DEADLINE * 3,
+            "the main thread was held {took:?}"
+        );
+        drop(silent);
     }
 
     #[test]

@@ -57,15 +57,17 @@ struct Inner {
 /// thread.
 pub struct UmemRegistry {
     mode: ZeroCopyMode,
+    queues: u16,
     dev: Arc<DeviceFd>,
     inner: Mutex<Inner>,
 }
 
 impl UmemRegistry {
-    /// The registry of `dev`.
-    pub fn new(dev: Arc<DeviceFd>, mode: ZeroCopyMode) -> Arc<Self> {
+    /// The registry of `dev`, whose `queues` workers each register the area.
+    pub fn new(dev: Arc<DeviceFd>, mode: ZeroCopyMode, queues: u16) -> Arc<Self> {
         Arc::new(UmemRegistry {
             mode,
+            queues,
             dev,
             inner: Mutex::new(Inner {
                 state: State::Unknown,
@@ -130,7 +132,8 @@ impl UmemRegistry {
                 return Err("the kernel has no VDUSE_IOTLB_GET_INFO / REG_UMEM".into())
             }
             // EINVAL: nothing mapped at IOVA 0 yet.
-            Err(_) => return Ok(None),
+            Err(Errno::EINVAL) => return Ok(None),
+            Err(e) => return Err(format!("VDUSE_IOTLB_GET_INFO at IOVA 0 failed: {e}")),
         };
         if info.capability & u::VDUSE_IOVA_CAP_UMEM == 0 || info.start != 0 {
             return Err(format!(
@@ -147,7 +150,10 @@ impl UmemRegistry {
         let umem = match inner.spare.take() {
             Some(u) if u.len() == size => u,
             _ => {
-                raise_memlock(2 * size as u64).map_err(|e| e.to_string())?;
+                // The area, and (6.12, without CAP_IPC_LOCK) each worker's ring pinning it
+                // again as fixed buffers.
+                let pins = u64::from(self.queues) + 1;
+                raise_memlock(pins * size as u64).map_err(|e| e.to_string())?;
                 Umem::allocate(size).map_err(|e| e.to_string())?
             }
         };

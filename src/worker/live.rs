@@ -62,7 +62,10 @@ impl LiveQueue {
     /// Worker side: the worker ends with these counters.
     pub(crate) fn retire(&self, stats: &QueueStats) {
         let mut s = self.lock();
-        s.retired.merge(stats);
+        let mut ended = stats.clone();
+        // A gauge of the worker that ended, not something to add up later.
+        ended.in_flight = 0;
+        s.retired.merge(&ended);
         s.snapshot = None;
         s.running = false;
     }

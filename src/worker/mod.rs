@@ -76,7 +76,7 @@ pub const CANCEL_TOKEN: u64 = Reserved::Cancel as u64;
 /// Most SQEs one request can have in flight at once (WRITE_ZEROES fallback pairs).
 const MAX_OPS_PER_REQUEST: usize = 2 * crate::blk::config::MAX_DWZ_SEGMENTS as usize;
 /// The kick and stop reads are always armed.
-const ARMED_READS: usize = 2;
+const ARMED_READS: usize = 3;
 /// The edges of a worker that differ between VDUSE and the simulator.
 pub trait QueueEdge: RegionSource + Send + 'static {
     /// Tell the driver that the used ring moved (VDUSE: `VDUSE_VQ_INJECT_IRQ`).
@@ -244,6 +244,9 @@ struct Worker<E: QueueEdge> {
     poll: Duration,
     /// The edge has not yet said whether a zero-copy area is in use.
     zero_copy_pending: bool,
+    /// Zero copy was required and is impossible: the worker stops with this reason once
+    /// what it took is finished.
+    zero_copy_failed: Option<String>,
     /// Where this worker started in the avail ring (it has served requests once it moved).
     first_avail: u16,
     /// One clock reading per batch: taken when a drain starts popping and when a batch of
@@ -259,6 +262,9 @@ struct Worker<E: QueueEdge> {
     /// Requests finished in this batch, waiting for the batch's publish and interrupt
     /// readings before their stages are recorded.
     done: Vec<(RequestKind, Started, u64)>,
+    /// When the last reap had written its batch's used entries (taken only when it finished
+    /// requests): the end of their "complete" stage, before any drain that follows.
+    published_at: Option<u64>,
     /// Where a live view asks for copies of `stats`; told when the worker ends.
     live: Option<Arc<LiveQueue>>,
     /// Record per-stage spans (`--no-stage-stats` turns it off: two clock readings per
@@ -391,12 +397,14 @@ impl<E: QueueEdge> Worker<E> {
             stats: QueueStats::default(),
             poll,
             zero_copy_pending: true,
+            zero_copy_failed: None,
             first_avail: setup.next_avail,
             now: 0,
             clock: Clock::default(),
             wake: 0,
             unsubmitted: Vec::with_capacity(usize::from(setup.size)),
             done: Vec::with_capacity(usize::from(setup.size)),
+            published_at: None,
             live: None,
             stage_stats: true,
         })
@@ -430,7 +438,7 @@ impl<E: QueueEdge> Worker<E> {
         // Kicks may have been latched before our eventfd was installed: look once.
         self.wake = self.clock.now();
         self.drain();
-        self.resolve_zero_copy()?;
+        self.resolve_zero_copy();
         self.notify_if_needed();
         loop {
             // Checked before waiting, not only after a wake-up: the first drain above may
@@ -450,7 +458,7 @@ impl<E: QueueEdge> Worker<E> {
             let kicked = self.reap()?;
             if !self.stopping && self.broken.is_none() && (kicked || self.throttled) {
                 self.drain();
-                self.resolve_zero_copy()?;
+                self.resolve_zero_copy();
             }
             self.notify_if_needed();
         }
@@ -461,6 +469,12 @@ impl<E: QueueEdge> Worker<E> {
             l.retire(&self.stats);
         }
         let stats = std::mem::take(&mut self.stats);
+        if let Some(reason) = self.zero_copy_failed.take() {
+            return Err(WorkerError::ZeroCopy {
+                queue: self.index,
+                reason,
+            });
+        }
         if let Some(reason) = self.broken.take() {
             return Err(WorkerError::Broken {
                 queue: self.index,
@@ -477,14 +491,15 @@ impl<E: QueueEdge> Worker<E> {
 
     /// Ask the edge about zero copy until it knows; register the area as fixed buffers once
     /// it is in use. A ring that refuses the registration keeps the vectored path (on the
-    /// same memory).
-    fn resolve_zero_copy(&mut self) -> Result<(), WorkerError> {
+    /// same memory). Required and impossible: the worker stops taking requests, finishes and
+    /// publishes what it took (through the kernel's bounce pages), then ends with the reason.
+    pub(super) fn resolve_zero_copy(&mut self) {
         if !self.zero_copy_pending {
-            return Ok(());
+            return;
         }
         let served = self.queue.next_avail() != self.first_avail;
         match self.edge.zero_copy(served) {
-            ZeroCopy::Pending => return Ok(()),
+            ZeroCopy::Pending => return,
             ZeroCopy::Off => {}
             ZeroCopy::On(umem) => {
                 if let Err(e) = self.uring.register_fixed(umem) {
@@ -496,14 +511,15 @@ impl<E: QueueEdge> Worker<E> {
                 }
             }
             ZeroCopy::Failed(reason) => {
-                return Err(WorkerError::ZeroCopy {
-                    queue: self.index,
-                    reason,
-                })
+                warn!(
+                    "queue {}: stopping: zero copy is required: {reason}",
+                    self.index
+                );
+                self.zero_copy_failed = Some(reason);
+                self.stopping = true;
             }
         }
         self.zero_copy_pending = false;
-        Ok(())
     }
 
     /// Handle every completion; returns whether the driver kicked.
@@ -546,6 +562,9 @@ impl<E: QueueEdge> Worker<E> {
                 Cqe::Wake(Wake::Stop, _) => self.stopping = true,
                 Cqe::Op(token, res) => self.complete_op(token, res),
             }
+        }
+        if ops > 0 && !self.done.is_empty() {
+            self.published_at = Some(self.clock.now());
         }
         Ok(kicked)
     }
@@ -818,7 +837,9 @@ impl<E: QueueEdge> Worker<E> {
     /// Inject the batch's interrupt if needed, then record the stages of the requests the
     /// batch finished (two clock readings, only when it finished any).
     fn notify_if_needed(&mut self) {
-        let published = (!self.done.is_empty()).then(|| self.clock.now());
+        let published_at = self.published_at.take();
+        let published =
+            (!self.done.is_empty()).then(|| published_at.unwrap_or_else(|| self.clock.now()));
         self.notify();
         if let Some(published) = published {
             let irq = self.clock.now();

@@ -44,6 +44,7 @@ impl<E: QueueEdge> Worker<E> {
                 self.throttled = false;
                 self.wake = self.clock.now();
                 self.pop_all();
+                self.resolve_zero_copy();
                 worked = true;
                 if self.broken.is_some() {
                     return Ok(());
