@@ -39,6 +39,8 @@ pub struct QueueStats {
     pub submits: u64,
     /// Reads and writes done on io_uring fixed buffers (the zero-copy area).
     pub fixed_ios: u64,
+    /// Requests the backing store failed (also counted in `errors`), by cause.
+    pub backing: BackingErrors,
     /// Request latency in nanoseconds.
     pub latency: Histogram<u64>,
 }
@@ -60,9 +62,61 @@ impl Default for QueueStats {
             interrupts: 0,
             submits: 0,
             fixed_ios: 0,
+            backing: BackingErrors::default(),
             latency: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
                 .expect("static histogram bounds are valid"),
         }
+    }
+}
+
+/// Why the backing store failed a request (the first failure of the request decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFailure {
+    /// EIO: the medium or the device below failed.
+    Eio,
+    /// ENOSPC (or EDQUOT): no room to allocate what a write needed.
+    NoSpace,
+    /// A read or write moved fewer bytes than asked: the file ends earlier than the device
+    /// (truncated underneath), or the filesystem filled up mid-write.
+    Short,
+    /// Any other errno from the backing store.
+    Other,
+}
+
+/// Requests failed by the backing store, by [`BackingFailure`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BackingErrors {
+    /// EIO.
+    pub eio: u64,
+    /// ENOSPC / EDQUOT.
+    pub no_space: u64,
+    /// Short transfers.
+    pub short: u64,
+    /// Other errnos.
+    pub other: u64,
+}
+
+impl BackingErrors {
+    /// Count one failed request.
+    pub fn count(&mut self, f: BackingFailure) {
+        match f {
+            BackingFailure::Eio => self.eio += 1,
+            BackingFailure::NoSpace => self.no_space += 1,
+            BackingFailure::Short => self.short += 1,
+            BackingFailure::Other => self.other += 1,
+        }
+    }
+
+    /// Every failed request.
+    pub fn total(&self) -> u64 {
+        self.eio + self.no_space + self.short + self.other
+    }
+
+    fn merge(&mut self, o: &BackingErrors) {
+        self.eio += o.eio;
+        self.no_space += o.no_space;
+        self.short += o.short;
+        self.other += o.other;
     }
 }
 
@@ -81,6 +135,8 @@ pub struct StatsSummary {
     pub interrupts: u64,
     /// Reads and writes on fixed buffers (zero copy).
     pub fixed_ios: u64,
+    /// Requests failed by the backing store, by cause.
+    pub backing: BackingErrors,
     /// Latency percentiles, microseconds.
     pub p50_us: f64,
     /// 99th percentile, microseconds.
@@ -111,6 +167,7 @@ impl QueueStats {
         self.interrupts += other.interrupts;
         self.submits += other.submits;
         self.fixed_ios += other.fixed_ios;
+        self.backing.merge(&other.backing);
         // Same bounds on both sides: adding cannot fail.
         let _ = self.latency.add(&other.latency);
     }
@@ -125,6 +182,7 @@ impl QueueStats {
             bytes_written: self.bytes_written,
             interrupts: self.interrupts,
             fixed_ios: self.fixed_ios,
+            backing: self.backing,
             p50_us: q(0.5),
             p99_us: q(0.99),
             p999_us: q(0.999),
@@ -152,5 +210,25 @@ mod tests {
         assert_eq!(a.latency.len(), 4);
         assert!(s.p999_us >= 999.0, "{s:?}");
         assert!((s.p50_us - 2.0).abs() < 0.01, "{s:?}");
+    }
+
+    #[test]
+    fn backing_errors_are_counted_by_cause_and_merged() {
+        let mut a = QueueStats::default();
+        let mut b = QueueStats::default();
+        a.backing.count(BackingFailure::Eio);
+        a.backing.count(BackingFailure::Eio);
+        b.backing.count(BackingFailure::NoSpace);
+        b.backing.count(BackingFailure::Short);
+        b.backing.count(BackingFailure::Other);
+        a.merge(&b);
+        let want = BackingErrors {
+            eio: 2,
+            no_space: 1,
+            short: 1,
+            other: 1,
+        };
+        assert_eq!(a.summary().backing, want);
+        assert_eq!(want.total(), 5);
     }
 }

@@ -56,6 +56,7 @@ use crate::blk::{
 use crate::memory::umem::Umem;
 use crate::memory::{IovaSpace, RegionSource};
 use crate::metrics::QueueStats;
+use crate::ratelimit::RateLimit;
 use chain::walk_chain;
 use error::ExecError;
 pub use error::{BrokenReason, RingArea, WorkerError};
@@ -212,6 +213,8 @@ struct Worker<E: QueueEdge> {
     zero_copy_pending: bool,
     /// Where this worker started in the avail ring (it has served requests once it moved).
     first_avail: u16,
+    /// Rate limit of the backing-store error log (`exec.rs`).
+    backing_log: RateLimit,
 }
 
 impl<E: QueueEdge> Drop for Worker<E> {
@@ -336,6 +339,7 @@ impl<E: QueueEdge> Worker<E> {
             poll,
             zero_copy_pending: true,
             first_avail: setup.next_avail,
+            backing_log: RateLimit::new(exec::BACKING_LOG_INTERVAL),
         })
     }
 
@@ -383,6 +387,7 @@ impl<E: QueueEdge> Worker<E> {
             }
             self.notify_if_needed();
         }
+        self.report_suppressed_backing_errors();
         // Cancel the eventfd reads still armed and wait for their completions.
         self.uring.shutdown().map_err(|e| self.uring_err(e))?;
         self.stats.fixed_ios = self.uring.fixed_ops();
