@@ -770,8 +770,9 @@ wait_writes() {
 # (a pass that completes and must be clean), then unbinds virtio_vdpa beneath a fio load of
 # reads and writes (fio sees the device vanish) and binds it again. The daemon must serve
 # throughout; data written after the last rebind verifies, also in the backing file.
-# (The load itself is not verified: once the disk is deleted its capacity is 0, reads in
-# flight return EOF, and fio would "verify" the stale contents of its own buffers.)
+# (The load itself is not verified: once the disk is deleted its capacity is 0, reads fio
+# issues then return EOF, and fio "verifies" the stale contents of its own buffers: "bad
+# header" errors that appear only across an unbind, never in the same load without one.)
 case_reset_storm() {
     need_daemon
     rm -f /tmp/rs.img
