@@ -321,7 +321,7 @@ fn run_serve(args: ServeArgs) -> ExitCode {
             let s = report.stats.summary();
             let _ = writeln!(
                 std::io::stderr(),
-                "vduse-blkd: stopped: {} requests ({} errors), {} MiB read, {} MiB written, {} on fixed buffers, latency p50 {:.1} us p99 {:.1} us p99.9 {:.1} us",
+                "vduse-blkd: stopped: {} requests ({} errors), {} MiB read, {} MiB written, {} on fixed buffers, latency p50 {:.1} us p99 {:.1} us p99.9 {:.1} us, backing errors {} (EIO {}, ENOSPC {}, short {}, other {})",
                 s.requests,
                 s.errors,
                 s.bytes_read >> 20,
@@ -329,7 +329,12 @@ fn run_serve(args: ServeArgs) -> ExitCode {
                 s.fixed_ios,
                 s.p50_us,
                 s.p99_us,
-                s.p999_us
+                s.p999_us,
+                s.backing.total(),
+                s.backing.eio,
+                s.backing.no_space,
+                s.backing.short,
+                s.backing.other
             );
             ExitCode::SUCCESS
         }

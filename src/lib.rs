@@ -8,6 +8,7 @@
 //! - [`backend`]: the backing file or block device.
 //! - [`worker`]: one thread, one virtqueue, one io_uring.
 //! - [`metrics`]: per-queue counters and latency histograms.
+//! - [`ratelimit`]: at most one log line per interval for repeated failures.
 //! - [`control`]: VDUSE control plane (negotiation, device lifecycle, message loop, vdpa bus).
 //! - [`cli`]: the command line.
 //!
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod control;
 pub mod memory;
 pub mod metrics;
+pub mod ratelimit;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod sim;
 pub mod uapi;

@@ -273,6 +273,8 @@ pub struct QueueStats {
     pub fixed_ios: u64,
     /// Requests in flight when the copy was taken (a gauge: live views only).
     pub in_flight: u64,
+    /// Requests the backing store failed (also counted in `errors`), by cause.
+    pub backing: BackingErrors,
     /// Request latency in nanoseconds.
     pub latency: Histogram<u64>,
     /// Where each request's time went.
@@ -297,9 +299,71 @@ impl Default for QueueStats {
             submits: 0,
             fixed_ios: 0,
             in_flight: 0,
+            backing: BackingErrors::default(),
             latency: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
                 .expect("static histogram bounds are valid"),
             stages: Box::default(),
+        }
+    }
+}
+
+/// Why the backing store failed a request (the first failure of the request decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingFailure {
+    /// EIO: the medium or the device below failed.
+    Eio,
+    /// ENOSPC (or EDQUOT): no room to allocate what a write needed.
+    NoSpace,
+    /// A read or write moved fewer bytes than asked: the file ends earlier than the device
+    /// (truncated underneath), or the filesystem filled up mid-write.
+    Short,
+    /// Any other errno from the backing store.
+    Other,
+}
+
+/// Requests failed by the backing store, by [`BackingFailure`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BackingErrors {
+    /// EIO.
+    pub eio: u64,
+    /// ENOSPC / EDQUOT.
+    pub no_space: u64,
+    /// Short transfers.
+    pub short: u64,
+    /// Other errnos.
+    pub other: u64,
+}
+
+impl BackingErrors {
+    /// Count one failed request.
+    pub fn count(&mut self, f: BackingFailure) {
+        match f {
+            BackingFailure::Eio => self.eio += 1,
+            BackingFailure::NoSpace => self.no_space += 1,
+            BackingFailure::Short => self.short += 1,
+            BackingFailure::Other => self.other += 1,
+        }
+    }
+
+    /// Every failed request.
+    pub fn total(&self) -> u64 {
+        self.eio + self.no_space + self.short + self.other
+    }
+
+    fn merge(&mut self, o: &BackingErrors) {
+        self.eio += o.eio;
+        self.no_space += o.no_space;
+        self.short += o.short;
+        self.other += o.other;
+    }
+
+    /// What was counted after `base`.
+    fn since(&self, base: &BackingErrors) -> BackingErrors {
+        BackingErrors {
+            eio: self.eio.saturating_sub(base.eio),
+            no_space: self.no_space.saturating_sub(base.no_space),
+            short: self.short.saturating_sub(base.short),
+            other: self.other.saturating_sub(base.other),
         }
     }
 }
@@ -319,6 +383,8 @@ pub struct StatsSummary {
     pub interrupts: u64,
     /// Reads and writes on fixed buffers (zero copy).
     pub fixed_ios: u64,
+    /// Requests failed by the backing store, by cause.
+    pub backing: BackingErrors,
     /// Latency percentiles, microseconds.
     pub p50_us: f64,
     /// 99th percentile, microseconds.
@@ -350,6 +416,7 @@ impl QueueStats {
         self.submits += other.submits;
         self.fixed_ios += other.fixed_ios;
         self.in_flight += other.in_flight;
+        self.backing.merge(&other.backing);
         // Same bounds on both sides: adding cannot fail.
         let _ = self.latency.add(&other.latency);
         self.stages.merge(&other.stages);
@@ -379,6 +446,7 @@ impl QueueStats {
             submits: d(self.submits, base.submits),
             fixed_ios: d(self.fixed_ios, base.fixed_ios),
             in_flight: self.in_flight,
+            backing: self.backing.since(&base.backing),
             latency,
             stages: Box::new(self.stages.since(&base.stages)),
         }
@@ -423,6 +491,12 @@ impl QueueStats {
             "reads": self.reads,
             "writes": self.writes,
             "errors": self.errors,
+            "backing_errors": {
+                "eio": self.backing.eio,
+                "no_space": self.backing.no_space,
+                "short": self.backing.short,
+                "other": self.backing.other,
+            },
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "iops": per_s(self.requests()).round(),
@@ -447,6 +521,7 @@ impl QueueStats {
             bytes_written: self.bytes_written,
             interrupts: self.interrupts,
             fixed_ios: self.fixed_ios,
+            backing: self.backing,
             p50_us: q(0.5),
             p99_us: q(0.99),
             p999_us: q(0.999),
@@ -549,5 +624,25 @@ mod tests {
             ..s
         };
         assert_eq!(back.span(Stage::Dispatch), 0);
+    }
+
+    #[test]
+    fn backing_errors_are_counted_by_cause_and_merged() {
+        let mut a = QueueStats::default();
+        let mut b = QueueStats::default();
+        a.backing.count(BackingFailure::Eio);
+        a.backing.count(BackingFailure::Eio);
+        b.backing.count(BackingFailure::NoSpace);
+        b.backing.count(BackingFailure::Short);
+        b.backing.count(BackingFailure::Other);
+        a.merge(&b);
+        let want = BackingErrors {
+            eio: 2,
+            no_space: 1,
+            short: 1,
+            other: 1,
+        };
+        assert_eq!(a.summary().backing, want);
+        assert_eq!(want.total(), 5);
     }
 }

@@ -12,7 +12,7 @@ use super::chain::ChainError;
 use super::uring::Op;
 use crate::blk::{RequestError, VIRTIO_BLK_S_IOERR};
 use crate::memory::MemoryError;
-use crate::metrics::QueueStats;
+use crate::metrics::{BackingFailure, QueueStats};
 
 /// Why a worker stopped other than on request.
 #[derive(Debug, Error)]
@@ -206,6 +206,28 @@ impl ExecError {
     }
 }
 
+impl ExecError {
+    /// Whether the backing store failed the request, and how (for counters and the
+    /// rate-limited log). `None`: the driver's request or our own queueing failed, not the
+    /// store. Exhaustive on purpose, like [`ExecError::status`].
+    pub(crate) fn backing_failure(&self) -> Option<BackingFailure> {
+        match self {
+            ExecError::Io { source, .. } => Some(match source.raw_os_error() {
+                Some(libc::EIO) => BackingFailure::Eio,
+                Some(libc::ENOSPC | libc::EDQUOT) => BackingFailure::NoSpace,
+                _ => BackingFailure::Other,
+            }),
+            ExecError::Short { .. } => Some(BackingFailure::Short),
+            ExecError::Request(_)
+            | ExecError::Translate(_)
+            | ExecError::TooManyIovecs(_)
+            | ExecError::Busy
+            | ExecError::IdWrite(_)
+            | ExecError::Queue { .. } => None,
+        }
+    }
+}
+
 /// Displays an error and each of its sources, `": "`-separated (for logs).
 pub(crate) struct Chained<'a>(pub(crate) &'a dyn StdError);
 
@@ -243,5 +265,40 @@ mod tests {
             ExecError::from(RequestError::UnsupportedType(7)).status(),
             VIRTIO_BLK_S_UNSUPP
         );
+    }
+
+    #[test]
+    fn backing_failures_by_errno_and_only_from_the_store() {
+        let io = |errno| ExecError::Io {
+            op: Op::Rw,
+            source: io::Error::from_raw_os_error(errno),
+        };
+        assert_eq!(io(libc::EIO).backing_failure(), Some(BackingFailure::Eio));
+        assert_eq!(
+            io(libc::ENOSPC).backing_failure(),
+            Some(BackingFailure::NoSpace)
+        );
+        assert_eq!(
+            io(libc::EDQUOT).backing_failure(),
+            Some(BackingFailure::NoSpace)
+        );
+        assert_eq!(
+            io(libc::EBADF).backing_failure(),
+            Some(BackingFailure::Other)
+        );
+        let short = ExecError::Short { got: 0, want: 4096 };
+        assert_eq!(short.backing_failure(), Some(BackingFailure::Short));
+        assert_eq!(short.status(), VIRTIO_BLK_S_IOERR);
+        // Not the store's doing: a refused request, our own queueing.
+        assert_eq!(
+            ExecError::from(RequestError::UnsupportedType(7)).backing_failure(),
+            None
+        );
+        let queue = ExecError::Queue {
+            op: Op::Rw,
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+        };
+        assert_eq!(queue.backing_failure(), None);
+        assert_eq!(ExecError::TooManyIovecs(2000).backing_failure(), None);
     }
 }

@@ -2,6 +2,7 @@
 //! outcome ([`ExecError`] or success).
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use super::error::{Chained, ExecError};
 use super::uring::{OpToken, Rejected, IOV_MAX};
@@ -9,6 +10,10 @@ use super::{QueueEdge, Worker};
 use crate::blk::{DwzSegment, RequestKind};
 
 pub(crate) use super::uring::Op;
+
+/// A queue logs at most one backing-store error per interval (a failing disk would
+/// otherwise log every request); the counters see them all.
+pub(super) const BACKING_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How submitting a request went, when it did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,12 +149,39 @@ impl<E: QueueEdge> Worker<E> {
         }
     }
 
-    /// Record the first error of the request in slot `head`.
+    /// Record the first error of the request in slot `head`. A backing-store failure is
+    /// counted once per request and logged at most once per [`BACKING_LOG_INTERVAL`] per
+    /// queue, with the number of those not logged in between.
     pub(super) fn fail(&mut self, head: u16, e: ExecError) {
         log::debug!("queue {}: head {head}: {}", self.index, Chained(&e));
-        let slot = &mut self.slots[usize::from(head)];
-        if slot.error.is_none() {
-            slot.error = Some(e);
+        if self.slots[usize::from(head)].error.is_some() {
+            return;
+        }
+        if let Some(f) = e.backing_failure() {
+            self.stats.backing.count(f);
+            if let Some(skipped) = self.backing_log.allow(Instant::now()) {
+                let more = match skipped {
+                    0 => String::new(),
+                    n => format!(" ({n} more since the last report)"),
+                };
+                log::warn!(
+                    "queue {}: backing store error: {}{more}",
+                    self.index,
+                    Chained(&e)
+                );
+            }
+        }
+        self.slots[usize::from(head)].error = Some(e);
+    }
+
+    /// At exit: say how many backing-store errors the rate limit kept out of the log.
+    pub(super) fn report_suppressed_backing_errors(&mut self) {
+        let n = self.backing_log.take_suppressed();
+        if n > 0 {
+            log::warn!(
+                "queue {}: {n} more backing store errors since the last report",
+                self.index
+            );
         }
     }
 

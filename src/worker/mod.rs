@@ -58,6 +58,7 @@ use crate::blk::{
 use crate::memory::umem::Umem;
 use crate::memory::{IovaSpace, RegionSource};
 use crate::metrics::{Clock, QueueStats, Stamps};
+use crate::ratelimit::RateLimit;
 use chain::walk_chain;
 use error::ExecError;
 pub use error::{BrokenReason, RingArea, WorkerError};
@@ -270,6 +271,8 @@ struct Worker<E: QueueEdge> {
     /// Record per-stage spans (`--no-stage-stats` turns it off: two clock readings per
     /// batch fewer, and no stage histograms).
     stage_stats: bool,
+    /// Rate limit of the backing-store error log (`exec.rs`).
+    backing_log: RateLimit,
 }
 
 impl<E: QueueEdge> Drop for Worker<E> {
@@ -407,6 +410,7 @@ impl<E: QueueEdge> Worker<E> {
             published_at: None,
             live: None,
             stage_stats: true,
+            backing_log: RateLimit::new(exec::BACKING_LOG_INTERVAL),
         })
     }
 
@@ -462,6 +466,7 @@ impl<E: QueueEdge> Worker<E> {
             }
             self.notify_if_needed();
         }
+        self.report_suppressed_backing_errors();
         // Cancel the eventfd reads still armed and wait for their completions.
         self.uring.shutdown().map_err(|e| self.uring_err(e))?;
         self.stats.fixed_ios = self.uring.fixed_ops();

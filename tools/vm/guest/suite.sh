@@ -686,6 +686,348 @@ case_vhost_no_suspend() {
     rm -f /tmp/vhns.img
 }
 
+# --- failing and slow backing stores --------------------------------------------------
+# null_blk (loaded by /init) made through configfs stands in for a failing or slow disk:
+# `badblocks` fails every bio touching a sector range with BLK_STS_IOERR (EIO, what a
+# device-mapper `error` target gives), `irqmode=2` + `completion_nsec` delays each I/O (as
+# dm-delay does); `memory_backed=1` keeps the data, so it can be verified.
+
+# nullb_make NAME SIZE_MIB [ATTR=VALUE...]: power on a null_blk device with those configfs
+# attributes; sets NB to its block device.
+nullb_make() {
+    _n=$1 _sz=$2
+    shift 2
+    [ -d /sys/kernel/config/nullb ] || mount -t configfs configfs /sys/kernel/config 2>/dev/null
+    [ -d /sys/kernel/config/nullb ] || fail "no /sys/kernel/config/nullb (null_blk configfs)"
+    _d=/sys/kernel/config/nullb/$_n
+    mkdir "$_d" || fail "cannot make the null_blk device $_n"
+    echo "$_sz" >"$_d/size" || fail "null_blk $_n: size refused"
+    echo 1 >"$_d/memory_backed" || fail "null_blk $_n: memory_backed refused"
+    for _kv in "$@"; do
+        echo "${_kv#*=}" >"$_d/${_kv%%=*}" || fail "null_blk $_n: ${_kv%%=*} refused"
+    done
+    echo 1 >"$_d/power" || fail "null_blk $_n: power on failed"
+    # the disk takes the configfs name on newer kernels, nullb<index> on older ones
+    NB=
+    _end=$(($(now) + 10))
+    while [ -z "$NB" ]; do
+        for _c in "/dev/$_n" "/dev/nullb$(cat "$_d/index")"; do [ -b "$_c" ] && NB=$_c && break; done
+        [ -n "$NB" ] || [ "$(now)" -lt "$_end" ] || fail "null_blk $_n has no block device"
+        [ -n "$NB" ] || sleep 0.1
+    done
+    note "null_blk $_n: $NB ($_sz MiB, $*)"
+}
+
+nullb_remove() {
+    echo 0 >"/sys/kernel/config/nullb/$1/power" 2>/dev/null
+    rmdir "/sys/kernel/config/nullb/$1" 2>/dev/null
+    return 0
+}
+
+# backing_stats NAME: "TOTAL EIO ENOSPC SHORT OTHER" from the stop line of daemon NAME.
+backing_stats() {
+    sed -n 's/^vduse-blkd: stopped: .*, backing errors \([0-9]*\) (EIO \([0-9]*\), ENOSPC \([0-9]*\), short \([0-9]*\), other \([0-9]*\)).*/\1 \2 \3 \4 \5/p' \
+        "/tmp/daemon.$1.err"
+}
+
+# assert_backing_stats NAME "TOTAL EIO ENOSPC SHORT OTHER": the stopped daemon counted those.
+assert_backing_stats() {
+    _got=$(backing_stats "$1")
+    [ -n "$_got" ] || { show_tail "/tmp/daemon.$1.err"; fail "$1: no backing error counts in the stop line"; }
+    [ "$_got" = "$2" ] || fail "$1: backing errors (total EIO ENOSPC short other) are '$_got', want '$2'"
+    note "$1: backing errors (total EIO ENOSPC short other): $_got"
+}
+
+# assert_backing_log NAME TOTAL SECS QUEUES: daemon NAME logged its TOTAL backing errors
+# rate-limited: at most one line per second per queue over SECS seconds, the lines plus the
+# counts they report as not logged adding up to TOTAL.
+assert_backing_log() {
+    _e=/tmp/daemon.$1.err
+    _lines=$(grep -c 'backing store error:' "$_e")
+    _more=$(grep 'backing store error' "$_e" | grep -o '[0-9][0-9]* more ' | awk '{s += $1} END {print s + 0}')
+    note "$1: $_lines backing error lines for $2 errors ($_more reported as not logged) in ${3}s"
+    [ "$_lines" -ge 1 ] || fail "$1: no backing store error was logged"
+    [ "$((_lines + _more))" = "$2" ] || fail "$1: $_lines lines + $_more not logged != $2 errors counted"
+    [ "$_lines" -le $(($4 * ($3 + 1))) ] || fail "$1: $_lines log lines in ${3}s on $4 queue(s): not rate-limited"
+    [ "$_lines" -lt "$2" ] || fail "$1: one log line per failed request ($_lines for $2)"
+}
+
+# fio_wv FILE OFFSET SIZE SEED ENGINE DIRECT [EXTRA...]: randwrite [OFFSET, +SIZE) with crc32c
+# verify headers (4k-64k blocks, iodepth 16); EXTRA --do_verify=1 --verify_backlog=N checks as
+# it goes, --verify_only re-derives the same blocks later (same seed) and checks them.
+fio_wv() {
+    _f=$1 _o=$2 _s=$3 _seed=$4 _eng=$5 _dir=$6
+    shift 6
+    fio --name=wv --filename="$_f" --ioengine="$_eng" --direct="$_dir" --rw=randwrite --bsrange=4k-64k \
+        --offset="$_o" --size="$_s" --iodepth=16 --verify=crc32c --verify_fatal=1 --randrepeat=1 \
+        --randseed="$_seed" --norandommap=0 --eta=never "$@"
+}
+
+# dd_4k_fails DEV r|w BLOCK: one 4 KiB direct read or write of block BLOCK of DEV must fail.
+dd_4k_fails() {
+    if [ "$2" = r ]; then
+        ! dd if="$1" of=/dev/null bs=4k skip="$3" count=1 iflag=direct 2>/dev/null
+    else
+        ! dd if=/dev/urandom of="$1" bs=4k seek="$3" count=1 oflag=direct conv=notrunc 2>/dev/null
+    fi
+}
+
+# EIO: requests touching the bad range fail (the guest sees EIO), everything else is served
+# and verified, before and after; one rate-limited log line, every failure counted.
+case_backing_eio() {
+    need_daemon
+    # bad sectors [16 MiB, 17 MiB)
+    nullb_make beio 64 badblocks=+32768-34815
+    start_daemon be "$NB" --queues 2
+    fio_wv "$DEV" 0 8M 11 libaio 1 --do_verify=1 --verify_backlog=32 --output=/tmp/be1.fio ||
+        { show_tail /tmp/be1.fio; fail "write+verify of [0, 8M) failed"; }
+    fio_wv "$DEV" 24M 8M 12 libaio 1 --do_verify=1 --verify_backlog=32 --output=/tmp/be2.fio ||
+        { show_tail /tmp/be2.fio; fail "write+verify of [24M, 32M) failed"; }
+    t0=$(now)
+    i=0
+    while [ "$i" -lt 32 ]; do
+        dd_4k_fails "$DEV" r $((4096 + i * 8)) || fail "read of bad block $((4096 + i * 8)) succeeded"
+        dd_4k_fails "$DEV" w $((4096 + i * 8 + 4)) || fail "write of bad block $((4096 + i * 8 + 4)) succeeded"
+        i=$((i + 1))
+    done
+    proc_gone "$DAEMON_PID" && fail "the daemon exited after the I/O errors"
+    # still serving: the good ranges verify, and new data next to the bad range lands
+    fio_wv "$DEV" 0 8M 11 libaio 1 --verify_only --output=/tmp/be3.fio ||
+        { show_tail /tmp/be3.fio; fail "[0, 8M) no longer verifies after the errors"; }
+    fio_wv "$DEV" 17M 4M 13 libaio 1 --do_verify=1 --verify_backlog=32 --output=/tmp/be4.fio ||
+        { show_tail /tmp/be4.fio; fail "write+verify of [17M, 21M) after the errors failed"; }
+    stop_daemon be
+    secs=$(($(now) - t0))
+    assert_backing_stats be "64 64 0 0 0"
+    assert_backing_log be 64 "$secs" 2
+    for r in "0 8M 11" "24M 8M 12" "17M 4M 13"; do
+        # shellcheck disable=SC2086
+        set -- $r
+        fio_wv "$NB" "$1" "$2" "$3" psync 1 --verify_only --output=/tmp/be5.fio ||
+            { show_tail /tmp/be5.fio; fail "the backing device does not hold [$1, +$2)"; }
+    done
+    nullb_remove beio
+}
+
+# ENOSPC: a sparse file on a full filesystem. Writes that need a new block fail; overwrites,
+# reads and holes are served; once there is room again the same writes succeed.
+case_backing_enospc() {
+    need_daemon
+    mkdir -p /mnt/small
+    mount -t tmpfs -o size=16m small /mnt/small || fail "cannot mount a 16 MiB tmpfs"
+    truncate -s 64M /mnt/small/sp.img
+    start_daemon sp /mnt/small/sp.img --queues 2
+    fio_wv "$DEV" 0 8M 21 libaio 1 --do_verify=1 --verify_backlog=32 --output=/tmp/sp1.fio ||
+        { show_tail /tmp/sp1.fio; fail "write+verify of [0, 8M) failed"; }
+    # fill what is left of the filesystem
+    dd if=/dev/zero of=/mnt/small/filler bs=64k 2>/dev/null
+    avail=$(df -k /mnt/small | awk 'NR == 2 {print $4}')
+    [ "$avail" -lt 64 ] || fail "the filesystem still has $avail KiB free after filling it"
+    t0=$(now)
+    i=0
+    while [ "$i" -lt 32 ]; do
+        dd_4k_fails "$DEV" w $((8192 + i * 4)) || fail "write of new block $((8192 + i * 4)) succeeded on a full filesystem"
+        i=$((i + 1))
+    done
+    proc_gone "$DAEMON_PID" && fail "the daemon exited after ENOSPC"
+    # blocks that exist: overwritten in place and verified; a hole reads as zeroes
+    fio_wv "$DEV" 0 8M 22 libaio 1 --do_verify=1 --verify_backlog=32 --output=/tmp/sp2.fio ||
+        { show_tail /tmp/sp2.fio; fail "overwrite+verify of [0, 8M) failed on a full filesystem"; }
+    [ "$(md5_range "$DEV" 48 1)" = "$(zero_md5 1)" ] || fail "a hole does not read as zeroes"
+    # room again: the refused writes succeed
+    rm -f /mnt/small/filler
+    fio_wv "$DEV" 32M 4M 23 libaio 1 --do_verify=1 --verify_backlog=32 --output=/tmp/sp3.fio ||
+        { show_tail /tmp/sp3.fio; fail "write+verify of [32M, 36M) failed once there was room"; }
+    stop_daemon sp
+    secs=$(($(now) - t0))
+    assert_backing_stats sp "32 0 32 0 0"
+    assert_backing_log sp 32 "$secs" 2
+    for r in "0 8M 22" "32M 4M 23"; do
+        # shellcheck disable=SC2086
+        set -- $r
+        fio_wv /mnt/small/sp.img "$1" "$2" "$3" psync 0 --verify_only --output=/tmp/sp4.fio ||
+            { show_tail /tmp/sp4.fio; fail "the backing file does not hold [$1, +$2)"; }
+    done
+    umount /mnt/small
+}
+
+# A backing file truncated underneath the daemon: reads past the new end fail (the data is
+# gone), reads before it return the data, writes past it land (the file grows again).
+case_backing_truncated() {
+    need_daemon
+    dd if=/dev/urandom of=/tmp/tr.img bs=1M count=32 2>/dev/null
+    want=$(md5_range /tmp/tr.img 0 16)
+    start_daemon tr /tmp/tr.img --queues 2
+    [ "$(md5_range "$DEV" 0 32)" = "$(md5_range /tmp/tr.img 0 32)" ] || fail "$DEV does not read as the file"
+    truncate -s 16M /tmp/tr.img
+    t0=$(now)
+    i=0
+    while [ "$i" -lt 32 ]; do
+        dd_4k_fails "$DEV" r $((4096 + i * 64)) || fail "read of block $((4096 + i * 64)) past the end succeeded"
+        i=$((i + 1))
+    done
+    # a read across the new end ([16M - 4k, 16M + 8k), one request) fails as a whole
+    ! dd if="$DEV" of=/dev/null bs=12k skip=1365 count=1 iflag=direct 2>/dev/null ||
+        fail "a read across the truncated end succeeded"
+    [ "$(md5_range "$DEV" 0 16)" = "$want" ] || fail "the data before the new end reads back differently"
+    dd if=/dev/urandom of=/tmp/tr.new bs=1M count=1 2>/dev/null
+    dd if=/tmp/tr.new of="$DEV" bs=1M seek=24 oflag=direct 2>/dev/null || fail "a write past the new end failed"
+    [ "$(md5_range "$DEV" 24 1)" = "$(md5sum </tmp/tr.new | cut -d' ' -f1)" ] || fail "the write past the end reads back differently"
+    proc_gone "$DAEMON_PID" && fail "the daemon exited"
+    stop_daemon tr
+    secs=$(($(now) - t0))
+    assert_backing_stats tr "33 0 0 33 0"
+    assert_backing_log tr 33 "$secs" 2
+    [ "$(stat -c %s /tmp/tr.img)" = $((25 * MIB)) ] || fail "backing file is $(stat -c %s /tmp/tr.img) bytes, want 25 MiB"
+    [ "$(md5_range /tmp/tr.img 0 16)" = "$want" ] || fail "the backing file lost data before the new end"
+    [ "$(md5_range /tmp/tr.img 24 1)" = "$(md5sum </tmp/tr.new | cut -d' ' -f1)" ] || fail "the backing file lacks the write past the end"
+    rm -f /tmp/tr.img /tmp/tr.new
+}
+
+# wait_blockdev NAME DEADLINE_S: poll until vdpa device NAME has a block device; sets D.
+wait_blockdev() {
+    _end=$(($(now) + $2))
+    D=$(vdpa_blockdev "$1")
+    while [ -z "$D" ] || [ ! -b "$D" ]; do
+        [ "$(now)" -lt "$_end" ] || fail "no block device for $1 within ${2}s"
+        sleep 0.1
+        D=$(vdpa_blockdev "$1")
+    done
+}
+
+# wait_writes DISK N FPID DEADLINE_S: poll until DISK completed N more writes while fio FPID runs.
+wait_writes() {
+    _w0=$(awk '{print $5}' "/sys/block/$1/stat")
+    _end=$(($(now) + $4))
+    while [ "$(awk '{print $5}' "/sys/block/$1/stat" 2>/dev/null || echo 0)" -lt $((_w0 + $2)) ]; do
+        proc_gone "$3" && return 1
+        [ "$(now)" -lt "$_end" ] || return 1
+        sleep 0.1
+    done
+}
+
+# Unbind/rebind storm: each cycle checks that the previous cycle's verified data survived its
+# reset (verify_only through the new block device), writes and verifies a region of its own
+# (a pass that completes and must be clean), then unbinds virtio_vdpa beneath a fio load of
+# reads and writes (fio sees the device vanish) and binds it again. The daemon must serve
+# throughout; data written after the last rebind verifies, also in the backing file.
+# (The load itself is not verified: once the disk is deleted its capacity is 0, reads fio
+# issues then return EOF, and fio "verifies" the stale contents of its own buffers: "bad
+# header" errors that appear only across an unbind, never in the same load without one.)
+case_reset_storm() {
+    need_daemon
+    rm -f /tmp/rs.img
+    truncate -s 256M /tmp/rs.img
+    start_daemon rs /tmp/rs.img --queues 2
+    cycles=${RESET_STORM_CYCLES:-20}
+    i=1
+    while [ "$i" -le "$cycles" ]; do
+        wait_blockdev rs 30
+        if [ "$i" -gt 1 ]; then
+            fio_wv "$D" $((((i - 1) % 8) * 16))M 4M $((i - 1)) libaio 1 --verify_only --output=/tmp/rs.p.fio ||
+                { show_tail /tmp/rs.p.fio; fail "cycle $i: data verified in cycle $((i - 1)) does not verify after the rebind"; }
+        fi
+        fio_wv "$D" $(((i % 8) * 16))M 4M "$i" libaio 1 --do_verify=1 --verify_backlog=32 \
+            --output=/tmp/rs.v.fio || { show_tail /tmp/rs.v.fio; fail "cycle $i: verify pass on $D failed"; }
+        bg_start /tmp/rs.l.fio fio --eta=never --name=load --filename="$D" --ioengine=libaio --direct=1 \
+            --rw=randrw --bs=4k-64k --iodepth=32 --offset=128M --size=128M --time_based --runtime=120 \
+            --randseed="$i"
+        lp=$BG_PID
+        wait_writes "${D#/dev/}" 200 "$lp" 60 || { show_tail /tmp/rs.l.fio; fail "cycle $i: no load on $D"; }
+        echo rs >/sys/bus/vdpa/drivers/virtio_vdpa/unbind || fail "cycle $i: unbind failed"
+        wait_gone "$lp" 60 || fail "cycle $i: fio still runs 60s after its device was unbound"
+        [ -z "$(vdpa_blockdev rs)" ] || fail "cycle $i: the block device is still there after unbind"
+        proc_gone "$DAEMON_PID" && { show_tail /tmp/daemon.rs.err; fail "cycle $i: the daemon exited on unbind"; }
+        echo rs >/sys/bus/vdpa/drivers/virtio_vdpa/bind || fail "cycle $i: bind failed"
+        i=$((i + 1))
+    done
+    note "$cycles unbind/bind cycles under fio done"
+    wait_blockdev rs 30
+    fio_wv "$D" 0 64M 4242 libaio 1 --do_verify=1 --verify_backlog=64 --output=/tmp/rs.f.fio ||
+        { show_tail /tmp/rs.f.fio; fail "write+verify after the last rebind failed"; }
+    ! grep -q -i -E 'panic|broken' /tmp/daemon.rs.err || { show_tail /tmp/daemon.rs.err; fail "the daemon logged a panic or a broken device"; }
+    stop_daemon rs
+    fio_wv /tmp/rs.img 0 64M 4242 psync 0 --verify_only --output=/tmp/rs.b.fio ||
+        { show_tail /tmp/rs.b.fio; fail "the backing file does not hold what fio wrote after the last rebind"; }
+    # the check can fail: one corrupted byte in the region must be noticed
+    printf 'X' | dd of=/tmp/rs.img bs=1 seek=$((20 * MIB + 333)) conv=notrunc 2>/dev/null
+    if fio_wv /tmp/rs.img 0 64M 4242 psync 0 --verify_only --output=/tmp/rs.c.fio; then
+        fail "verify_only did not notice a corrupted byte (the check is blind)"
+    fi
+    rm -f /tmp/rs.img
+}
+
+# msg_timeout: a reset (unbind) while slow I/O (1 s per I/O) is in flight must be answered
+# before VDUSE's msg_timeout (lowered to 4 s here: a late reply breaks the device for good),
+# the daemon must survive and the device must serve verified I/O after a rebind.
+case_msg_timeout() {
+    need_daemon
+    nullb_make slow 64 irqmode=2 completion_nsec=1000000000
+    START_DEADLINE=120 start_daemon mt "$NB" --queues 2
+    [ -w /sys/class/vduse/mt/msg_timeout ] || fail "no writable /sys/class/vduse/mt/msg_timeout"
+    echo 4 >/sys/class/vduse/mt/msg_timeout || fail "cannot set msg_timeout"
+    disk=${DEV#/dev/}
+    bg_start /tmp/mt.fio fio --eta=never --name=slow --filename="$DEV" --ioengine=libaio --direct=1 \
+        --rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --size=32M --time_based --runtime=120
+    lp=$BG_PID
+    # wait until many requests are in flight (each takes a second in the backing)
+    end=$(($(now) + 60))
+    while [ "$(awk '{print $2}' "/sys/block/$disk/inflight")" -lt 16 ]; do
+        proc_gone "$lp" && { show_tail /tmp/mt.fio; fail "fio ended before I/O was in flight"; }
+        [ "$(now)" -lt "$end" ] || fail "fewer than 16 writes in flight after 60s"
+        sleep 0.1
+    done
+    note "$(awk '{print $2}' "/sys/block/$disk/inflight") writes in flight; unbinding"
+    t0=$(now)
+    echo mt >/sys/bus/vdpa/drivers/virtio_vdpa/unbind || fail "unbind failed"
+    dt=$(($(now) - t0))
+    note "unbind with slow I/O in flight took ${dt}s (msg_timeout 4s)"
+    wait_gone "$lp" 60 || fail "fio still runs 60s after its device was unbound"
+    proc_gone "$DAEMON_PID" && { show_tail /tmp/daemon.mt.err; fail "the daemon exited on the reset"; }
+    ! grep -q -i -E 'broken|timed out' /tmp/daemon.mt.err || { show_tail /tmp/daemon.mt.err; fail "the device broke: a reply was late"; }
+    echo mt >/sys/bus/vdpa/drivers/virtio_vdpa/bind || fail "bind after the reset failed (device broken?)"
+    wait_blockdev mt 60
+    fio_wv "$D" 40M 1M 31 libaio 1 --do_verify=1 --verify_backlog=16 --output=/tmp/mt.v.fio ||
+        { show_tail /tmp/mt.v.fio; fail "write+verify after the rebind failed"; }
+    stop_daemon mt 120
+    fio_wv "$NB" 40M 1M 31 psync 1 --verify_only --output=/tmp/mt.b.fio ||
+        { show_tail /tmp/mt.b.fio; fail "the backing device does not hold what fio wrote"; }
+    nullb_remove slow
+}
+
+# msg_timeout, sharp: through vhost_vdpa a reset reaches the daemon while writes are in
+# flight in a slow backing (1 s per I/O; virtio_vdpa's remove path drains them first). The
+# daemon must complete them before it replies (nothing released that io_uring still writes
+# into) and still reply well before msg_timeout (4 s here); afterwards the device is set up
+# again and every completed write reads back.
+case_msg_timeout_vhost() {
+    need_daemon
+    command -v vduse-blkd-vhost >/dev/null || fail "no vduse-blkd-vhost in the guest (cargo build --release --features test-utils --bin vduse-blkd-vhost)"
+    nullb_make slowv 64 irqmode=2 completion_nsec=1000000000
+    vduse-blkd serve "$NB" --name mtv --queues 2 --attach vhost >/tmp/mtv.out 2>/tmp/mtv.err &
+    VH_PID=$!
+    echo "$VH_PID" >>"$PIDS_FILE"
+    wait_for_line /tmp/mtv.out '^ready name=mtv dev=-$' 120 >/dev/null ||
+        { show_tail /tmp/mtv.err; fail "no ready line for mtv with --attach vhost"; }
+    VH=
+    for f in /sys/bus/vdpa/devices/mtv/vhost-vdpa-*; do [ -e "$f" ] && VH=/dev/${f##*/}; done
+    [ -c "$VH" ] || fail "no vhost-vdpa character device for mtv"
+    echo 4 >/sys/class/vduse/mtv/msg_timeout || fail "cannot set msg_timeout"
+    bounded 300 /tmp/mtv.c.out /tmp/mtv.c.err vduse-blkd-vhost "$VH" reset --requests 16 \
+        --inflight "/sys/block/${NB#/dev/}/inflight" --min-inflight 8
+    [ "$RC" = 0 ] || { show_tail /tmp/mtv.err; fail "vhost reset: $(head -c 400 /tmp/mtv.c.err)"; }
+    note "$(cat /tmp/mtv.c.out)"
+    took=$(sed -n 's/.*returned after \([0-9.]*\) s.*/\1/p' /tmp/mtv.c.out)
+    [ -n "$took" ] || fail "no reset time in: $(cat /tmp/mtv.c.out)"
+    awk -v t="$took" 'BEGIN { exit !(t < 4) }' || fail "the reset took ${took}s, not within msg_timeout (4s)"
+    # 1 s I/Os were in flight: a reply much sooner would mean it did not wait for them
+    awk -v t="$took" 'BEGIN { exit !(t >= 0.2) }' || fail "the reset returned after ${took}s, before the in-flight I/O could complete"
+    proc_gone "$VH_PID" && { show_tail /tmp/mtv.err; fail "the daemon exited"; }
+    ! grep -q -i -E 'broken|timed out' /tmp/mtv.err || { show_tail /tmp/mtv.err; fail "the device broke"; }
+    stop_vhost mtv
+    nullb_remove slowv
+}
+
 if [ "${1:-}" = --case ]; then
     "$2"
     exit $?
@@ -713,8 +1055,17 @@ want fio-verify && run_case fio-verify 300 case_fio_verify
 [ "$VM_BACKEND" = vduse-blkd ] && want resize-under-fio && run_case resize-under-fio 180 case_resize_under_fio
 want sigterm-under-load && run_case sigterm-under-load 180 case_sigterm_under_load
 want attach-modes && run_case attach-modes 120 case_attach_modes
+# (vduse-blkd's own stop line and log: not for the qsd backend)
+if [ "$VM_BACKEND" = vduse-blkd ]; then
+    want backing-eio && run_case backing-eio 300 case_backing_eio
+    want backing-enospc && run_case backing-enospc 300 case_backing_enospc
+    want backing-truncated && run_case backing-truncated 180 case_backing_truncated
+fi
+want reset-storm && run_case reset-storm 900 case_reset_storm
+want msg-timeout && run_case msg-timeout 300 case_msg_timeout
 want vhost-io && run_case vhost-io 300 case_vhost_io
 want vhost-iotlb && run_case vhost-iotlb 360 case_vhost_iotlb
+want msg-timeout-vhost && run_case msg-timeout-vhost 300 case_msg_timeout_vhost
 # The VDUSE feature requests exist only where the kernel offers them (7.3+).
 if [ "$(expected_features)" = 3 ]; then
     want vhost-queue-ready && run_case vhost-queue-ready 360 case_vhost_queue_ready
