@@ -213,14 +213,19 @@ fn batch(q: &mut SimQueue, seed: u64, slots: &[u64], write: bool) -> Result<()> 
         let chain = req.indirect(i % 4 != 0).tag(slot).chain(q.mem())?;
         q.add(chain)?;
     }
+    publish_and_check(q, seed, slots.len(), !write)
+}
+
+/// Publish what was added to `q`, kick, and wait for `n` completions: each of a head we
+/// gave, OK, and (`reads`) holding its slot's pattern.
+fn publish_and_check(q: &mut SimQueue, seed: u64, n: usize, reads: bool) -> Result<()> {
     q.publish()?;
     q.kick()?;
-    let done = q.wait_used(slots.len(), DEADLINE)?;
+    let done = q.wait_used(n, DEADLINE)?;
     ensure!(
-        done.len() == slots.len(),
-        "{} completions for {} requests",
-        done.len(),
-        slots.len()
+        done.len() == n,
+        "{} completions for {n} requests",
+        done.len()
     );
     for c in done {
         ensure!(
@@ -234,7 +239,7 @@ fn batch(q: &mut SimQueue, seed: u64, slots: &[u64], write: bool) -> Result<()> 
             c.tag,
             c.status
         );
-        if !write {
+        if reads {
             ensure!(
                 c.data == slot_data(seed, c.tag),
                 "slot {}: data differs",
@@ -516,29 +521,7 @@ fn read_aligned(q: &mut SimQueue, seed: u64, slots: &[u64]) -> Result<()> {
         let chain = aligned(q, seed, slot, false)?;
         q.add(chain)?;
     }
-    q.publish()?;
-    q.kick()?;
-    let done = q.wait_used(slots.len(), DEADLINE)?;
-    ensure!(
-        done.len() == slots.len(),
-        "{} of {} reads completed",
-        done.len(),
-        slots.len()
-    );
-    for c in done {
-        ensure!(
-            c.status == Some(S_OK),
-            "slot {}: read status {:?}",
-            c.tag,
-            c.status
-        );
-        ensure!(
-            c.data == slot_data(seed, c.tag),
-            "slot {}: data differs",
-            c.tag
-        );
-    }
-    Ok(())
+    publish_and_check(q, seed, slots.len(), true)
 }
 
 fn reset(
