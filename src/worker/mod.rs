@@ -534,14 +534,7 @@ impl<E: QueueEdge> Worker<E> {
             self.now = self.clock.now();
             self.wake = self.now;
         }
-        let ops = self
-            .cqes
-            .iter()
-            .filter(|c| matches!(c, Cqe::Op(..)))
-            .count();
-        if ops > 0 {
-            self.stats.stages.reap_batch.saturating_record(ops as u64);
-        }
+        let mut ops = 0u64;
         let mut kicked = false;
         for i in 0..self.cqes.len() {
             match self.cqes[i] {
@@ -565,11 +558,17 @@ impl<E: QueueEdge> Worker<E> {
                 }
                 Cqe::Wake(Wake::Stop, res) if res == -libc::EAGAIN => self.arm(Wake::Stop)?,
                 Cqe::Wake(Wake::Stop, _) => self.stopping = true,
-                Cqe::Op(token, res) => self.complete_op(token, res),
+                Cqe::Op(token, res) => {
+                    ops += 1;
+                    self.complete_op(token, res);
+                }
             }
         }
-        if ops > 0 && !self.done.is_empty() {
-            self.published_at = Some(self.clock.now());
+        if ops > 0 {
+            self.stats.stages.reap_batch.saturating_record(ops);
+            if !self.done.is_empty() {
+                self.published_at = Some(self.clock.now());
+            }
         }
         Ok(kicked)
     }
