@@ -123,6 +123,17 @@ vdpa_blockdev() {
     return 0
 }
 
+# wait_blockdev NAME DEADLINE_S: poll until vdpa device NAME has a block device; sets D.
+wait_blockdev() {
+    _end=$(($(now) + $2))
+    D=$(vdpa_blockdev "$1")
+    while [ -z "$D" ] || [ ! -b "$D" ]; do
+        [ "$(now)" -lt "$_end" ] || fail "no block device for $1 within ${2}s"
+        sleep 0.1
+        D=$(vdpa_blockdev "$1")
+    done
+}
+
 # start_daemon NAME BACKING [SERVE-ARGS...]: start `vduse-blkd serve BACKING --name NAME
 # SERVE-ARGS` in the background (stdout /tmp/daemon.NAME.out, stderr .err), wait for
 # its one line "ready name=NAME dev=/dev/vdX" and set DEV and DAEMON_PID.

@@ -390,12 +390,8 @@ case_zero_copy_readd() {
             echo zr >/sys/bus/vdpa/drivers/vhost_vdpa/unbind
             echo zr >/sys/bus/vdpa/drivers/virtio_vdpa/bind
         fi
-        end=$(($(now) + 30))
-        while [ -z "$(vdpa_blockdev zr)" ]; do
-            [ "$(now)" -lt "$end" ] || fail "round $round: no block device 30 s after vdpa dev add"
-            sleep 0.1
-        done
-        d=$(vdpa_blockdev zr)
+        wait_blockdev zr 30
+        d=$D
         [ "$(md5_range "$d" 0 8)" = "$(md5sum </tmp/zr.a | cut -d' ' -f1)" ] ||
             fail "round $round: data written before the re-attach reads back differently"
         dd if=/tmp/zr.b of="$d" bs=1M seek=$((8 * round)) oflag=direct 2>/dev/null ||
@@ -589,12 +585,8 @@ case_attach_modes() {
     [ -e /dev/vduse/amn ] || fail "--attach none: no /dev/vduse/amn"
     [ ! -e /sys/bus/vdpa/devices/amn ] || fail "--attach none: the device is on the vdpa bus"
     vdpa dev add name amn mgmtdev vduse || fail "--attach none: manual vdpa dev add failed"
-    end=$(($(now) + 30))
-    while [ -z "$(vdpa_blockdev amn)" ]; do
-        [ "$(now)" -lt "$end" ] || fail "--attach none: no block device after a manual add"
-        sleep 0.1
-    done
-    d=$(vdpa_blockdev amn)
+    wait_blockdev amn 30
+    d=$D
     dd if=/dev/urandom of=/tmp/am.pat bs=1M count=4 2>/dev/null
     dd if=/tmp/am.pat of="$d" bs=1M oflag=direct 2>/dev/null || fail "write to $d failed"
     [ "$(md5_range "$d" 0 4)" = "$(md5sum </tmp/am.pat | cut -d' ' -f1)" ] || fail "$d read back other data"
@@ -882,17 +874,6 @@ case_backing_truncated() {
     [ "$(md5_range /tmp/tr.img 0 16)" = "$want" ] || fail "the backing file lost data before the new end"
     [ "$(md5_range /tmp/tr.img 24 1)" = "$(md5sum </tmp/tr.new | cut -d' ' -f1)" ] || fail "the backing file lacks the write past the end"
     rm -f /tmp/tr.img /tmp/tr.new
-}
-
-# wait_blockdev NAME DEADLINE_S: poll until vdpa device NAME has a block device; sets D.
-wait_blockdev() {
-    _end=$(($(now) + $2))
-    D=$(vdpa_blockdev "$1")
-    while [ -z "$D" ] || [ ! -b "$D" ]; do
-        [ "$(now)" -lt "$_end" ] || fail "no block device for $1 within ${2}s"
-        sleep 0.1
-        D=$(vdpa_blockdev "$1")
-    done
 }
 
 # wait_writes DISK N FPID DEADLINE_S: poll until DISK completed N more writes while fio FPID runs.
